@@ -1,0 +1,117 @@
+"""The public offline API: `LLM(model=dir, ...)`, `llm.generate(...)`, `llm.update_weights(...)`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from routereplay.config import EngineConfig, RoutingReplayConfig
+from routereplay.engine.llm_engine import LLMEngine
+from routereplay.outputs import RequestOutput
+from routereplay.sampling_params import SamplingParams
+
+
+class LLM:
+    """A rollout engine over a Hugging Face checkpoint directory, recording routing when asked.
+
+    Keyword arguments are `EngineConfig` fields: dtype, max_num_seqs, max_model_len,
+    max_num_batched_tokens, block_size, enable_prefix_caching, gpu_memory_utilization,
+    num_kv_blocks, enforce_eager, seed, and routing_replay (a RoutingReplayConfig, dict or JSON).
+    """
+
+    def __init__(self, model: str, routing_replay: RoutingReplayConfig | dict | str | None = None, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, routing_replay=routing_replay, **kwargs))
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.engine.config.model)
+        return self._tokenizer
+
+    @property
+    def has_tokenizer(self) -> bool:
+        d = self.engine.config.model
+        return any(os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        Every request is validated before any work starts: a bad one raises ValueError naming its
+        index and field, and the engine stays usable.
+        """
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompts or prompt_token_ids")
+        texts: list[str | None]
+        if prompts is not None:
+            texts = [prompts] if isinstance(prompts, str) else list(prompts)
+            ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        else:
+            ids = [list(p) for p in prompt_token_ids]
+            texts = [None] * len(ids)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(ids) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(ids):
+            raise ValueError(f"got {len(params)} sampling_params for {len(ids)} prompts")
+        for i, (p, sp) in enumerate(zip(ids, params, strict=True)):
+            try:
+                self.engine.validate(p, sp)
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from None
+        request_ids = [self.engine.add_request(p, sp, prompt=t) for p, sp, t in zip(ids, params, texts, strict=True)]
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        outputs = [results[r] for r in request_ids]
+        self._finalize(outputs)
+        return outputs
+
+    def _finalize(self, outputs: Iterable[RequestOutput]) -> None:
+        detok = self.has_tokenizer
+        for out in outputs:
+            for c in out.outputs:
+                if detok:
+                    c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                if c.store_future is not None:
+                    err = c.store_future.exception()
+                    c.routing_error = None if err is None else f"{type(err).__name__}: {err}"
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict) -> int:
+        """Copy weights in place (transformers parameter names, or checkpoint names); returns count."""
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        return self.engine.update_weights(items)
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return list(self.engine.model_config.moe_layer_ids)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

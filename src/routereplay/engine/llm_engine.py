@@ -1,0 +1,197 @@
+"""The engine loop: admit requests, step the scheduler and the model, finish sequences, and hand
+their routing to the caller and the store."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from routereplay.config import EngineConfig
+from routereplay.engine.model_runner import ModelRunner
+from routereplay.engine.scheduler import Scheduler
+from routereplay.engine.sequence import Sequence
+from routereplay.outputs import CompletionOutput, RequestOutput
+from routereplay.sampling_params import SamplingParams
+
+log = logging.getLogger("routereplay.engine")
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    want_routing: bool
+    done: dict[int, CompletionOutput] = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # (output, host rows, event) awaiting the device copy
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.runner = ModelRunner(config)
+        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self.store_writer = None
+        rr = config.routing_replay
+        if rr.enable and rr.store != "none":
+            from routereplay.store import StoreWriter
+            from routereplay.store import open as open_store
+
+            self.store_writer = StoreWriter(open_store(rr.store_url), max_queue=rr.store_queue_size)
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    # ---- requests -------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids, params: SamplingParams) -> None:
+        """Raise ValueError naming the field; nothing is queued."""
+        mc, cfg = self.model_config, self.config
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        params.validate(mc.vocab_size)
+        if not isinstance(prompt_token_ids, (list, tuple)) or len(prompt_token_ids) == 0:
+            raise ValueError("prompt is empty")
+        for i, t in enumerate(prompt_token_ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < mc.vocab_size:
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id in [0, {mc.vocab_size})")
+        n = len(prompt_token_ids)
+        if n >= cfg.max_model_len:
+            raise ValueError(f"prompt has {n} tokens, max_model_len is {cfg.max_model_len} (need room for 1 more)")
+        need = -(-min(n + params.max_tokens, cfg.max_model_len) // cfg.block_size)
+        if need > self.runner.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs {need} KV blocks, the pool has {self.runner.num_blocks}")
+        want = self._wants_routing(params)
+        if want and not cfg.routing_replay.enable:
+            raise ValueError("return_routed_experts is set but routing capture is disabled "
+                             "(routing_replay.enable=false)")
+        if params.routed_experts_start > n:
+            raise ValueError(f"routed_experts_start={params.routed_experts_start} is beyond the prompt ({n} tokens)")
+
+    def _wants_routing(self, params: SamplingParams) -> bool:
+        rr = self.config.routing_replay
+        if params.return_routed_experts is None:
+            return rr.enable and rr.return_routed_experts
+        return params.return_routed_experts
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    prompt: str | None = None) -> str:
+        self.validate(prompt_token_ids, params)
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, i, list(prompt_token_ids), len(prompt_token_ids),
+                           params, seed=(base_seed + i * 0x9E3779B1) & ((1 << 62) - 1))
+            seq.waits_for = seqs[0] if i and self.config.enable_prefix_caching else None
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), params, seqs,
+                                             self._wants_routing(params))
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(prompt_token_ids)
+        return request_id
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled batch; returns the requests that completed."""
+        batch = self.scheduler.schedule()
+        if batch:
+            sampled, tokens, logprobs = self.runner.run(batch)
+            for seq, n in batch:
+                seq.num_computed_tokens += n
+                self.scheduler.blocks.commit(seq)
+            for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
+                seq.token_ids.append(token)
+                seq.logprobs.append(lp)
+                self.stats["generation_tokens"] += 1
+                reason = self._stop_reason(seq, token)
+                if reason:
+                    self._finish(seq, reason)
+        return self._collect(block=not batch)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and token in self.model_config.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_generated >= p.max_tokens or len(seq) >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        req = self.requests[seq.request_id]
+        out = CompletionOutput(seq.sample_index, seq.output_token_ids, list(seq.logprobs) if seq.params.logprobs
+                               else None, reason, routed_experts_start=seq.params.routed_experts_start)
+        if self.config.routing_replay.enable and (req.want_routing or self.store_writer is not None):
+            rows, event = self.runner.gather_routing(seq, 0, len(seq) - 1)
+            req.pending.append((out, rows, event))
+        req.done[seq.sample_index] = out
+        self.scheduler.finish(seq)
+
+    def _collect(self, block: bool) -> list[RequestOutput]:
+        finished = []
+        for req in list(self.requests.values()):
+            still = []
+            for out, rows, event in req.pending:
+                if event is not None and not (block or event.query()):
+                    still.append((out, rows, event))
+                    continue
+                if event is not None:
+                    event.synchronize()
+                self._deliver_routing(req, out, rows)
+            req.pending = still
+            if len(req.done) == req.params.n and not req.pending:
+                del self.requests[req.request_id]
+                finished.append(RequestOutput(
+                    req.request_id, req.prompt, req.prompt_token_ids,
+                    [req.done[i] for i in range(req.params.n)], list(self.model_config.moe_layer_ids),
+                    num_cached_tokens=req.seqs[0].num_cached_prompt_tokens,
+                ))
+        return finished
+
+    def _deliver_routing(self, req: _Request, out: CompletionOutput, rows: torch.Tensor) -> None:
+        array = rows.numpy()
+        if not self.config.routing_replay.debug and self.model_config.routing_dtype == np.uint16:
+            array = array.view(np.uint16)  # stored as int16 on the device: same bits
+        if self.store_writer is not None:
+            key = req.params.rollout_id or req.request_id
+            out.routing_key = key if req.params.n == 1 else f"{key}/{out.index}"
+            out.store_future = self.store_writer.submit(out.routing_key, array)
+        if req.want_routing:
+            out.routed_experts = array[out.routed_experts_start :]
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq in self.scheduler.running:
+                self.scheduler.finish(seq)
+            elif seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+
+    def update_weights(self, named_tensors) -> int:
+        """In-place weight sync; cached prefixes were computed with the old weights, so drop them."""
+        written = self.runner.update_weights(named_tensors)
+        self.scheduler.blocks.cached.clear()
+        for block in self.scheduler.blocks.blocks:
+            block.hash, block.token_ids = None, ()
+        return written
+
+    def close(self) -> None:
+        if self.store_writer is not None:
+            self.store_writer.close()

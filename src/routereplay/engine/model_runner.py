@@ -1,0 +1,217 @@
+"""Owns the model, the KV cache and the routing cache beside it; turns a scheduled batch into
+tensors, runs the forward (eagerly or by replaying a captured CUDA graph) and samples."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from routereplay.config import EngineConfig
+from routereplay.engine.context import Context, reset_context, set_context
+from routereplay.engine.sequence import Sequence
+from routereplay.layers.sampler import sample
+from routereplay.models.loader import load_checkpoint, update_weights
+from routereplay.models.transformer import MoECausalLM
+
+CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model_config
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(config.torch_dtype)
+        try:
+            with torch.device(self.device):
+                self.model = MoECausalLM(mc.family, mc.hf_config, mc.moe_layer_ids)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_checkpoint(self.model, mc.model_dir)
+        self.model.eval()
+        self.num_blocks = self._plan_num_blocks()
+        self._allocate_caches()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_capture_seconds = 0.0
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def _bytes_per_block(self) -> int:
+        mc, c = self.config.model_config, self.config
+        kv = 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * c.torch_dtype.itemsize
+        routing = 0
+        if c.routing_replay.enable:
+            routing = c.block_size * mc.num_moe_layers * mc.top_k * c.cache_dtype.itemsize
+        return kv + routing
+
+    def _plan_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = self._bytes_per_block()
+        if self.device.type != "cuda":
+            wanted = self.max_blocks_per_seq * self.config.max_num_seqs
+            return max(1, min(wanted, CPU_CACHE_BYTES // per_block))
+        # Measure activation peak with a forward over a full token budget (no cache attached yet).
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n = self.config.max_num_batched_tokens
+        chunk = min(512, self.config.max_model_len)
+        cu = list(range(0, n, chunk)) + [n]
+        with torch.inference_mode():
+            set_context(Context(
+                positions=(torch.arange(n, device=self.device) % chunk),
+                cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=self.device),
+                max_seqlen_q=chunk,
+            ))
+            self.model.compute_logits(self.model(torch.zeros(n, dtype=torch.long, device=self.device)))
+            reset_context()
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        budget = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
+        blocks = int(budget // per_block)
+        if blocks < 1:
+            raise RuntimeError("no GPU memory left for the KV cache: raise gpu_memory_utilization")
+        return blocks
+
+    def _allocate_caches(self) -> None:
+        mc, c = self.config.model_config, self.config
+        shape = (2, mc.num_layers, self.num_blocks, c.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=c.torch_dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.routing_cache = None
+        if c.routing_replay.enable:
+            # One row per KV slot plus a scratch row at the end for padding slots (-1).
+            rows = self.num_blocks * c.block_size + 1
+            self.routing_cache = torch.zeros(
+                rows, mc.num_moe_layers, mc.top_k, dtype=c.cache_dtype, device=self.device
+            )
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _context(self, positions, slots, cu, context_lens, tables, max_q, is_decode) -> Context:
+        rr = self.config.routing_replay
+        return Context(
+            positions=positions, slot_mapping=slots, cu_seqlens_q=cu, max_seqlen_q=max_q,
+            context_lens=context_lens, block_tables=tables, is_decode=is_decode,
+            routing_cache=self.routing_cache, routing_debug=rr.debug,
+        )
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list[float]]:
+        """Forward the batch; sample for every sequence whose last token was forwarded."""
+        ids, pos, slots, cu, ctx_lens, tables, sample_rows, to_sample = [], [], [], [0], [], [], [], []
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start : start + n]
+            pos += range(start, start + n)
+            slots += self._slots(seq, start, start + n)
+            cu.append(cu[-1] + n)
+            ctx_lens.append(start + n)
+            tables.append(seq.block_table)
+            if start + n == len(seq):
+                sample_rows.append(cu[-1] - 1)
+                to_sample.append(seq)
+        is_decode = cu[-1] == len(batch)
+        dev = self.device
+        if is_decode and self.graphs and len(batch) <= self.graph_sizes[-1]:
+            hidden = self._replay(ids, pos, slots, ctx_lens, tables)
+        else:
+            width = max(len(t) for t in tables)
+            table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            set_context(self._context(
+                torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
+                torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+                torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
+                torch.tensor(ctx_lens, dtype=torch.int32).to(dev, non_blocking=True),
+                table_t.to(dev, non_blocking=True), max(n for _, n in batch), is_decode,
+            ))
+            hidden = self.model(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True))
+            reset_context()
+        if not to_sample:
+            return [], [], []
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        p = [s.params for s in to_sample]
+        tokens, logprobs = sample(
+            logits,
+            torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev),
+            torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev),
+            torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev),
+            torch.tensor([s.seed for s in to_sample], dtype=torch.long).to(dev),
+            torch.tensor([len(s) for s in to_sample], dtype=torch.long).to(dev),
+        )
+        return to_sample, tokens.tolist(), logprobs.tolist()
+
+    # ---- CUDA graphs for decode -----------------------------------------------------------------
+    def _capture_graphs(self) -> None:
+        t0 = time.perf_counter()
+        max_bs = min(self.config.max_num_seqs, 512)
+        sizes = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs] if b <= max_bs})
+        dev, h = self.device, self.config.model_config.hidden_size
+        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self.g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_out = torch.zeros(max_bs, h, dtype=self.config.torch_dtype, device=dev)
+        pool = None
+        for bs in reversed(sizes):
+            set_context(self._context(self.g_pos[:bs], self.g_slots[:bs], None, self.g_lens[:bs],
+                                      self.g_tables[:bs], 1, True))
+            self.g_out[:bs] = self.model(self.g_ids[:bs])  # warm-up (allocations, autotuning)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.g_out[:bs] = self.model(self.g_ids[:bs])
+            pool = graph.pool()
+            self.graphs[bs] = graph
+            reset_context()
+        torch.cuda.synchronize()
+        self.graph_sizes = sizes
+        self.graph_capture_seconds = time.perf_counter() - t0
+
+    def _replay(self, ids, pos, slots, ctx_lens, tables) -> torch.Tensor:
+        n = len(ids)
+        bs = next(b for b in self.graph_sizes if b >= n)
+        table_np = np.zeros((n, self.max_blocks_per_seq), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table_np[i, : len(t)] = t
+        self.g_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
+        self.g_pos[:n].copy_(torch.tensor(pos), non_blocking=True)
+        self.g_slots[:n].copy_(torch.tensor(slots), non_blocking=True)
+        self.g_slots[n:bs].fill_(-1)
+        self.g_lens[:n].copy_(torch.tensor(ctx_lens, dtype=torch.int32), non_blocking=True)
+        self.g_lens[n:bs].fill_(0)
+        self.g_tables[:n].copy_(torch.from_numpy(table_np), non_blocking=True)
+        self.graphs[bs].replay()
+        return self.g_out[:n]
+
+    # ---- routing and weights --------------------------------------------------------------------
+    def gather_routing(self, seq: Sequence, start: int, end: int):
+        """Rows of positions start..end-1 of the sequence, copied towards the host without a sync.
+
+        Returns (host tensor, CUDA event or None); the rows are valid once the event has completed.
+        Must be called before the sequence's blocks are released: the gather is ordered on the
+        stream before any later write to those slots.
+        """
+        idx = torch.tensor(self._slots(seq, start, end), dtype=torch.long).to(self.device, non_blocking=True)
+        rows = self.routing_cache[idx]
+        if self.device.type != "cuda":
+            return rows, None
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def update_weights(self, named_tensors) -> int:
+        return update_weights(self.model, named_tensors)

@@ -1,0 +1,47 @@
+"""One sample being generated: its tokens, its KV blocks, and how far the model has computed it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from routereplay.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    sample_index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V (and routing rows) are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full, computed blocks
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    waits_for: Sequence | None = None  # n > 1: later samples wait until sample 0's prompt is cached
+    num_cached_prompt_tokens: int = 0  # prefix-cache hit on admission (stats, tests)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    def slot(self, position: int, block_size: int) -> int:
+        return self.block_table[position // block_size] * block_size + position % block_size

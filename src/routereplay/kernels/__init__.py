@@ -1,0 +1,10 @@
+"""GPU kernels of the rollout engine, each beside its plain-PyTorch reference.
+
+Every public function dispatches: CUDA tensors with Triton importable -> Triton kernel (no host sync,
+CUDA-graph capturable); anything else -> the PyTorch reference, which is also the engine's CPU path.
+"""
+
+from routereplay.kernels.attention import HAS_TRITON, decode_attention, prefill_attention, store_kv
+from routereplay.kernels.moe import fused_moe
+
+__all__ = ["HAS_TRITON", "decode_attention", "fused_moe", "prefill_attention", "store_kv"]

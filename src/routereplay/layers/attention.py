@@ -1,0 +1,67 @@
+"""Self-attention over the paged KV cache (or plain causal attention when no cache is attached)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routereplay import kernels
+from routereplay.engine.context import get_context
+from routereplay.layers.norm import RMSNorm
+from routereplay.layers.rotary import Rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, hf_config, *, qkv_bias: bool, o_bias: bool, qk_norm: bool, interleaved_rope: bool):
+        super().__init__()
+        c = hf_config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=o_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.qk_norm = qk_norm
+        self.rotary = Rotary(c, self.head_dim, interleaved_rope)
+        # Set by the model runner when it allocates the KV cache; empty = no cache (reference forward).
+        self.k_cache = self.v_cache = torch.tensor([])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(ctx.positions, q, k)
+        if self.k_cache.numel() == 0:
+            o = self._causal_no_cache(q, k, v, ctx)
+        else:
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            if ctx.is_decode:
+                o = kernels.decode_attention(
+                    q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale
+                )
+            else:
+                o = kernels.prefill_attention(
+                    q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                    ctx.context_lens, self.scale, ctx.max_seqlen_q,
+                )
+        return self.o_proj(o.reshape(n, -1))
+
+    def _causal_no_cache(self, q, k, v, ctx) -> torch.Tensor:
+        """Full-sequence causal attention per sequence of the step (no KV cache)."""
+        cu = ctx.cu_seqlens_q.tolist() if ctx.cu_seqlens_q is not None else [0, q.shape[0]]
+        outs = []
+        for s, e in zip(cu[:-1], cu[1:], strict=True):
+            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+            )
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)

@@ -1,0 +1,131 @@
+"""MoE block: router -> routing record -> experts (+ shared experts).
+
+Each router reproduces its family's reference selection exactly, dtypes included (GLM and ERNIE
+route in fp32 with fp32 router weights; Qwen and Mixtral compute logits in the model dtype and the
+softmax in fp32). The selected ids are written into the routing cache right after selection.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routereplay import kernels
+from routereplay.engine.context import get_context
+from routereplay.layers.mlp import MLP
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """Qwen2/Qwen3-MoE and Mixtral: softmax over all experts, top-k, optional renormalisation."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(logits.dtype).float()
+
+
+class ErnieRouter(nn.Module):
+    """ERNIE-4.5: fp32 softmax; the correction bias (moe_statics) only picks, weights always normalised."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_min: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.moe_statics = nn.Module()
+        self.moe_statics.e_score_correction_bias = nn.Parameter(
+            torch.zeros(1, num_experts, dtype=torch.float32), requires_grad=False
+        )
+        self.top_k, self.norm_min = top_k, norm_min
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(F.linear(x.float(), self.weight), dim=-1)
+        ids = torch.topk(probs + self.moe_statics.e_score_correction_bias[0], self.top_k, dim=-1)[1]
+        weights = probs.gather(-1, ids)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
+        return ids, weights.to(x.dtype).float()
+
+
+class GroupedSigmoidRouter(nn.Module):
+    """GLM-4.5 / DeepSeek-V3: fp32 sigmoid scores, correction bias for selection only, group-limited top-k."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int, topk_group: int,
+                 norm_topk_prob: bool, routed_scaling_factor: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(num_experts, dtype=torch.float32), requires_grad=False
+        )
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        n, e = choice.shape
+        grouped = choice.view(n, self.n_group, e // self.n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, e).bool()
+        ids = torch.topk(choice.masked_fill(~expert_mask, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.routed_scaling_factor
+
+
+class Experts(nn.Module):
+    """Routed experts stored fused like transformers' runtime layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights)
+
+
+def record_routing(moe_index: int, ids: torch.Tensor) -> None:
+    """Write this step's selection into the routing cache at the step's KV slots (no host sync).
+
+    Padding rows carry slot -1, which indexes the cache's extra last row: a scratch row nobody reads.
+    """
+    ctx = get_context()
+    cache = ctx.routing_cache
+    if cache is None:
+        return
+    if ctx.routing_debug:
+        ids = ctx.positions[:, None].expand_as(ids)
+    cache[ctx.slot_mapping, moe_index] = ids.to(cache.dtype)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, router: nn.Module, experts: Experts, moe_index: int,
+                 shared_experts: MLP | None = None, shared_expert_gate: nn.Linear | None = None,
+                 shared_name: str = "shared_experts") -> None:
+        super().__init__()
+        self.gate, self.experts, self.moe_index = router, experts, moe_index
+        self.shared_name = shared_name
+        if shared_experts is not None:
+            setattr(self, shared_name, shared_experts)
+        if shared_expert_gate is not None:
+            self.shared_expert_gate = shared_expert_gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.gate(x)
+        record_routing(self.moe_index, ids)
+        out = self.experts(x, ids, weights)
+        shared = getattr(self, self.shared_name, None)
+        if shared is not None:
+            s = shared(x)
+            if hasattr(self, "shared_expert_gate"):
+                s = torch.sigmoid(self.shared_expert_gate(x)) * s
+            out = out + s
+        return out

@@ -1,0 +1,17 @@
+"""Model families, keyed by Hugging Face `model_type`."""
+
+from routereplay.models import ernie4_5_moe, glm4_moe, mixtral, qwen2_moe, qwen3_moe
+from routereplay.models.family import Family
+
+REGISTRY: dict[str, Family] = {
+    m.FAMILY.model_type: m.FAMILY for m in (qwen3_moe, qwen2_moe, mixtral, glm4_moe, ernie4_5_moe)
+}
+
+
+def get_family(model_type: str) -> Family:
+    try:
+        return REGISTRY[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(REGISTRY))}"
+        ) from None

@@ -1,0 +1,51 @@
+"""Per-request generation options (vLLM-compatible names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """`logprobs=True` returns, per generated token, its log-probability under the distribution it
+    was sampled from: softmax(logits / temperature) restricted to the top-k / top-p set and
+    renormalised; for greedy (temperature 0) the plain log-softmax of the logits.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = True
+    return_routed_experts: bool | None = None  # None: the engine's routing_replay.return_routed_experts
+    routed_experts_start: int = 0  # skip the first S rows (the client already holds them)
+    rollout_id: str | None = None  # store key; defaults to the request id
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the field (the caller adds the request index)."""
+        checks = [
+            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
+            ("temperature", _num(self.temperature) and self.temperature >= 0, "must be >= 0"),
+            ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+             "must be -1 (off) or >= 1"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
+            ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
+             f"must be token ids in [0, {vocab_size})"),
+            ("routed_experts_start", isinstance(self.routed_experts_start, int) and self.routed_experts_start >= 0,
+             "must be an integer >= 0"),
+            ("rollout_id", self.rollout_id is None or (isinstance(self.rollout_id, str) and self.rollout_id != ""),
+             "must be a non-empty string"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x

@@ -1,0 +1,36 @@
+"""Shared test helpers: tiny checkpoints and a reference forward through transformers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from routereplay.tiny import TINY_CONFIGS, make_tiny_checkpoint
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_checkpoint(root: str, model_type: str) -> str:
+    return make_tiny_checkpoint(os.path.join(root, model_type), model_type)
+
+
+def reference_forward(model_dir: str, token_ids: list[int]):
+    """transformers' logits [T, V] and, per MoE layer, the expert sets its routers chose [T, L, K].
+
+    The ids are captured with forward hooks on the reference's own router modules.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    chosen = []
+    hooks = []
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith(("TopKRouter", "TopkRouter")):
+            hooks.append(module.register_forward_hook(lambda m, i, o: chosen.append(o[2].detach().clone())))
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0]
+    for h in hooks:
+        h.remove()
+    return logits, torch.stack(chosen, dim=1)  # [T, L, K]
