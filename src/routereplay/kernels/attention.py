@@ -48,7 +48,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -75,13 +75,14 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def _gather_slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Cache slots of ``positions`` ([S, L] or [L] with a 1-D table). Unused table entries may be -1: clamp."""
+    """Cache slots of ``positions`` ([S, L], or [L] with a 1-D table); unused table entries may be -1."""
     blocks = torch.gather(block_tables.long(), -1, torch.div(positions, block_size, rounding_mode="floor"))
     return blocks.clamp_min(0) * block_size + positions % block_size
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                         block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         scale: float) -> torch.Tensor:
     """One query per sequence attending to its ``context_len`` cached tokens; vectorised over the batch."""
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -334,7 +335,8 @@ def _store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_
                            HEAD_D=D, KV_HEADS=Hkv, BLOCK=_next_pow2(Hkv * D), num_warps=4)
 
 
-def decode_num_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, device: torch.device) -> int:
+def decode_num_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int,
+                      device: torch.device) -> int:
     """Number of KV splits of decode: a function of shapes only, so it is fixed inside a CUDA graph."""
     max_tokens = max_blocks * block_size
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
@@ -415,7 +417,7 @@ def _prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Write ``k``/``v`` ``[N, Hkv, D]`` into the caches at ``slot_mapping [N]``; negative slots are skipped."""
+    """Write ``k``/``v`` ``[N, Hkv, D]`` to the caches at ``slot_mapping [N]``; negative slots are skipped."""
     _check_cache(k_cache, v_cache)
     if _use_triton(k):
         _store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
@@ -423,8 +425,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Paged decode attention: ``q [B, Hq, D]`` (one query per sequence) -> ``[B, Hq, D]``."""
     _check_cache(k_cache, v_cache)
     if _use_triton(q):
@@ -432,9 +434,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                      max_seqlen_q: int) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                      scale: float, max_seqlen_q: int) -> torch.Tensor:
     """Causal varlen paged attention of the new tokens ``q [N, Hq, D]`` over each sequence's cache."""
     _check_cache(k_cache, v_cache)
     if _use_triton(q):

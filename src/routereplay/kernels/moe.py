@@ -137,7 +137,7 @@ if HAS_TRITON:
         return expert, start, count
 
     @triton.jit
-    def _moe_gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, counts_ptr, H, I, E,
+    def _moe_gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, counts_ptr, H, inter, E,
                             stride_xn, stride_we, stride_wn, stride_an,
                             TOPK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -151,12 +151,12 @@ if HAS_TRITON:
         pair = tl.load(pairs_ptr + rows, mask=valid, other=0)
         tok = (pair // TOPK).to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < I
+        n_mask = offs_n < inter
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok[:, None] * stride_xn + offs_k[None, :]
         g_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn \
             + offs_k[None, :]
-        u_ptrs = g_ptrs + I * stride_wn
+        u_ptrs = g_ptrs + inter * stride_wn
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, H, BLOCK_K):
@@ -180,7 +180,7 @@ if HAS_TRITON:
                  act.to(act_ptr.dtype.element_ty), mask=n_mask[None, :])
 
     @triton.jit
-    def _moe_down_kernel(act_ptr, w_ptr, outp_ptr, pairs_ptr, counts_ptr, wts_ptr, H, I, E,
+    def _moe_down_kernel(act_ptr, w_ptr, outp_ptr, pairs_ptr, counts_ptr, wts_ptr, H, inter, E,
                          stride_an, stride_we, stride_wn, stride_on,
                          E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -198,12 +198,12 @@ if HAS_TRITON:
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn \
             + offs_k[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, I, BLOCK_K):
+        for k0 in range(0, inter, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
             else:
-                k_mask = offs_k < I - k0
+                k_mask = offs_k < inter - k0
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
@@ -287,7 +287,7 @@ def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts of the selected ``topk_ids [N, K]`` weighted by ``topk_weights [N, K]`` -> ``[N, H]``."""
+    """Routed SwiGLU experts: ``x [N, H]``, ``topk_ids``/``topk_weights [N, K]`` -> ``[N, H]``."""
     if HAS_TRITON and x.is_cuda:
         return _fused_moe_triton(x, w13, w2, topk_ids, topk_weights)
     return fused_moe_ref(x, w13, w2, topk_ids, topk_weights)

@@ -1,0 +1,180 @@
+"""The rollout engine on CPU, fp32: exact tokens against transformers and across scheduler paths."""
+
+import pytest
+import torch
+
+from routereplay import LLM, SamplingParams
+from tests.helpers import FAMILIES, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("engine_ckpts"))
+
+
+def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(3, 120, (L,), generator=g).tolist() for L in lens]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def tokens(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_greedy_equals_transformers_generate(ckpt_root, model_type):
+    from transformers import AutoModelForCausalLM
+
+    d = tiny_checkpoint(ckpt_root, model_type)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    llm = LLM(d, max_model_len=256, block_size=8)
+    ps = prompts(3, seed=7)
+    sp = SamplingParams(temperature=0, max_tokens=12)  # both stop at EOS (kept as the last token)
+    outs = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    for p, o in zip(ps, outs, strict=True):
+        with torch.no_grad():
+            g = ref.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert o.outputs[0].token_ids == g[0, len(p):].tolist()
+
+
+@pytest.fixture(scope="module")
+def qwen(ckpt_root):
+    return tiny_checkpoint(ckpt_root, "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def alone(qwen):
+    """24 mixed-length requests, each generated alone: the reference for every batching path."""
+    llm = LLM(qwen, max_model_len=256, block_size=8, enable_prefix_caching=False)
+    ps = prompts(24, seed=3)
+    return ps, [tokens(llm.generate(prompt_token_ids=[p], sampling_params=GREEDY, use_tqdm=False))[0] for p in ps]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),  # continuous batching, prefix caching on
+        dict(enable_prefix_caching=False),
+        dict(num_kv_blocks=12),  # tiny pool: forces preemption and recompute
+        dict(max_num_batched_tokens=7),  # tiny budget: chunked prefill mixed with decode
+        dict(max_num_seqs=3, max_num_batched_tokens=16, num_kv_blocks=16),
+    ],
+    ids=["batched", "no-prefix-cache", "preemption", "chunked-prefill", "all-constraints"],
+)
+def test_batch_paths_match_requests_alone(qwen, alone, kwargs):
+    ps, expected = alone
+    llm = LLM(qwen, max_model_len=256, block_size=8, **kwargs)
+    outs = llm.generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False)
+    assert tokens(outs) == expected
+    if "num_kv_blocks" in kwargs and kwargs["num_kv_blocks"] == 12:
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits_and_same_tokens(qwen):
+    llm = LLM(qwen, max_model_len=256, block_size=4)
+    shared = prompts(1, seed=11, lo=30, hi=31)[0]
+    first = llm.generate(prompt_token_ids=[shared + [5, 6]], sampling_params=GREEDY, use_tqdm=False)[0]
+    second = llm.generate(prompt_token_ids=[shared + [5, 6]], sampling_params=GREEDY, use_tqdm=False)[0]
+    assert second.num_cached_tokens >= 28 and first.num_cached_tokens == 0
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_batch_independent(qwen):
+    llm = LLM(qwen, max_model_len=256, block_size=8)
+    ps = prompts(6, seed=5)
+    sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=10, seed=1234, ignore_eos=True)
+    together = tokens(llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False))
+    alone_ = [tokens(llm.generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False))[0] for p in ps]
+    assert together == alone_
+    other = tokens(llm.generate(prompt_token_ids=ps[:1], sampling_params=SamplingParams(
+        temperature=0.9, max_tokens=10, seed=99, ignore_eos=True), use_tqdm=False))
+    assert other[0] != together[0]
+
+
+def test_n_samples_share_prompt_and_differ(qwen):
+    llm = LLM(qwen, max_model_len=256, block_size=4)
+    p = prompts(1, seed=9, lo=20, hi=21)[0]
+    out = llm.generate(prompt_token_ids=[p], sampling_params=SamplingParams(
+        n=4, temperature=1.0, max_tokens=8, seed=3, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs) == 4 and len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_logprobs_equal_full_forward_log_softmax(qwen):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32).eval()
+    llm = LLM(qwen, max_model_len=256, block_size=8)
+    ps = prompts(4, seed=21)
+    outs = llm.generate(prompt_token_ids=ps, sampling_params=SamplingParams(
+        temperature=1.0, max_tokens=10, seed=0, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(ps, outs, strict=True):
+        c = o.outputs[0]
+        full = torch.tensor([p + c.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(full).logits[0].float(), -1)
+        expected = logp[len(p) - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+
+
+def test_update_weights_equals_loading_from_disk(qwen, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "modified")
+    from routereplay.tiny import make_tokenizer
+
+    make_tokenizer(str(tmp_path / "modified"))
+    ps = prompts(4, seed=2)
+    synced = LLM(qwen, max_model_len=256, block_size=8)
+    before = tokens(synced.generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False))
+    assert synced.update_weights(hf.named_parameters()) > 0
+    after = tokens(synced.generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False))
+    loaded = LLM(str(tmp_path / "modified"), max_model_len=256, block_size=8)
+    assert after == tokens(loaded.generate(prompt_token_ids=ps, sampling_params=GREEDY, use_tqdm=False))
+    assert after != before
+
+
+def test_update_weights_rejects_bad_names_without_writing(qwen):
+    llm = LLM(qwen, max_model_len=256)
+    w = llm.engine.runner.model.model.norm.weight.clone()
+    with pytest.raises(ValueError, match="unexpected tensor 'nope'"):
+        llm.update_weights({"model.norm.weight": torch.zeros_like(w), "nope": torch.zeros(1)})
+    assert torch.equal(llm.engine.runner.model.model.norm.weight, w)
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(prompt=[]), "prompt is empty"),
+        (dict(prompt=[5] * 300), "max_model_len"),
+        (dict(prompt=[5, 100000]), r"prompt_token_ids\[1\]"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+    ],
+)
+def test_bad_input_names_request_and_field(qwen, bad, field):
+    llm = LLM(qwen, max_model_len=256)
+    good = [5, 6, 7]
+    prompt = bad.pop("prompt", good)
+    sp = [GREEDY, SamplingParams(**{"temperature": 0, "max_tokens": 4, **bad})]
+    with pytest.raises(ValueError, match=rf"request 1: .*{field}"):
+        llm.generate(prompt_token_ids=[good, prompt], sampling_params=sp, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    out = llm.generate(prompt_token_ids=[good], sampling_params=GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 12
+
+
+def test_string_prompts_use_the_checkpoint_tokenizer(qwen):
+    llm = LLM(qwen, max_model_len=256)
+    out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert out.prompt_token_ids == llm.tokenizer("hello")["input_ids"]
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
