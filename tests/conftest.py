@@ -17,6 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models: one thread is several times faster than two fighting over 2 cores.
+torch.set_num_threads(1)
 
 _START_TIMEOUT_S = 10.0
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from routereplay import LLM, SamplingParams
 from tests.helpers import FAMILIES, reference_forward, tiny_checkpoint

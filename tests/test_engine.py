@@ -125,7 +125,7 @@ def test_update_weights_equals_loading_from_disk(qwen, tmp_path):
 
     hf = AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32)
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     hf.save_pretrained(tmp_path / "modified")
     from routereplay.tiny import make_tokenizer

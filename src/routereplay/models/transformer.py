@@ -27,12 +27,13 @@ class DecoderLayer(nn.Module):
         else:
             inter = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
             shared_size = family.shared_intermediate(c) if family.shared else 0
+            gated = family.shared == "shared_expert"
             self.mlp = SparseMoE(
                 family.make_router(c),
                 Experts(family.num_experts(c), c.hidden_size, inter),
                 moe_index,
                 shared_experts=MLP(c.hidden_size, shared_size, bias) if shared_size else None,
-                shared_expert_gate=nn.Linear(c.hidden_size, 1, bias=False) if family.shared == "shared_expert" else None,
+                shared_expert_gate=nn.Linear(c.hidden_size, 1, bias=False) if gated else None,
                 shared_name=family.shared or "shared_experts",
             )
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
