@@ -102,7 +102,10 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass, i.e. when a checkpointed layer is recomputed."""
+    """True while the autograd engine runs a backward pass, i.e. when a checkpointed layer is recomputed.
+
+    torch has no public flag for this; the engine's thread-local graph task id is -1 outside backward.
+    """
     return torch._C._current_graph_task_id() != -1
 
 
@@ -161,7 +164,7 @@ class _Replay:
         if ids.shape[3] != k:
             raise ValueError(f"routing has K={ids.shape[3]} experts per row, the model uses top-{k}")
         ids = ids.to(device, non_blocking=True)
-        self.mask: torch.Tensor | None = None
+        mask_on_device = None
         if mask is not None:
             mask_tensor = torch.as_tensor(mask)
             if tuple(mask_tensor.shape) != (batch, seq):
@@ -170,15 +173,15 @@ class _Replay:
                 )
             if mask_tensor.is_floating_point():
                 raise ValueError(f"mask dtype {mask_tensor.dtype} must be bool")
-            self.mask = mask_tensor.to(device=device, dtype=torch.bool)
-        invalid = find_invalid_row(ids, self.mask, replay.num_experts)
+            mask_on_device = mask_tensor.to(device=device, dtype=torch.bool)
+        invalid = find_invalid_row(ids, mask_on_device, replay.num_experts)
         if invalid is not None:
             b, t, layer, reason = invalid
             raise ValueError(f"sample {b}, position {t}, MoE layer {layer}: {reason}")
         self.batch_shape = (batch, seq)
         # One copy in the compact dtype, laid out so that each layer's ids are a contiguous [B*T, K].
         self.ids_by_layer = ids.permute(2, 0, 1, 3).reshape(layers, batch * seq, k).contiguous()
-        self.flat_mask = None if self.mask is None else self.mask.reshape(-1, 1)
+        self.flat_mask = None if mask_on_device is None else mask_on_device.reshape(-1, 1)
         self.checkpointed_forwards = 0
         self.recomputed_forwards = 0
 
