@@ -165,6 +165,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # explicit KV pool size (tests force preemption with a tiny pool)
     enforce_eager: bool = False  # True: no CUDA graphs
+    load_format: str = "auto"  # "dummy": random weights, only config.json is read (benchmarks)
     seed: int = 0
     routing_replay: RoutingReplayConfig = field(default_factory=RoutingReplayConfig)
     model_config: ModelConfig = field(init=False)
@@ -182,6 +183,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         self.model_config = ModelConfig.from_dir(self.model)

@@ -32,7 +32,10 @@ class ModelRunner:
                 self.model = MoECausalLM(mc.family, mc.hf_config, mc.moe_layer_ids)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_checkpoint(self.model, mc.model_dir)
+        if config.load_format == "dummy":
+            self._random_weights()
+        else:
+            load_checkpoint(self.model, mc.model_dir)
         self.model.eval()
         self.num_blocks = self._plan_num_blocks()
         self._allocate_caches()
@@ -40,6 +43,18 @@ class ModelRunner:
         self.graph_capture_seconds = 0.0
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
+
+    @torch.no_grad()
+    def _random_weights(self) -> None:
+        """Small random weights (norms at 1, correction biases at 0): realistic shapes and routing spread."""
+        g = torch.Generator(self.device).manual_seed(self.config.seed)
+        for name, p in self.model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif "correction_bias" in name:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
 
     # ---- memory ---------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:

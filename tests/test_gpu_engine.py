@@ -1,0 +1,44 @@
+"""The engine on CUDA in bf16 with CUDA graphs (skipped without a GPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from routereplay import LLM, SamplingParams
+from tests.helpers import tiny_checkpoint
+from tests.test_engine import prompts
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("gpu_ckpts")), "qwen3_moe")
+
+
+def test_graphs_match_eager_and_debug_rows_are_positions(qwen):
+    ps = prompts(40, seed=1, lo=2, hi=60)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    graphs = LLM(qwen, dtype="float32", max_model_len=256, block_size=16, max_num_seqs=64, num_kv_blocks=512,
+                 routing_replay={"enable": True, "debug": True})
+    assert graphs.engine.runner.graphs, "no CUDA graph was captured"
+    eager = LLM(qwen, dtype="float32", max_model_len=256, block_size=16, enforce_eager=True, num_kv_blocks=512,
+                routing_replay={"enable": True, "debug": True})
+    a = graphs.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    b = eager.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    for o in a:
+        r = o.outputs[0].routed_experts
+        n = len(o.prompt_token_ids) + len(o.outputs[0].token_ids)
+        np.testing.assert_array_equal(r, np.broadcast_to(np.arange(n - 1)[:, None, None], r.shape))
+
+
+def test_bf16_routing_rows_are_distinct_ids_under_graphs(qwen):
+    llm = LLM(qwen, dtype="bfloat16", max_model_len=256, routing_replay={"enable": True}, num_kv_blocks=64)
+    outs = llm.generate(prompt_token_ids=prompts(16, seed=2), sampling_params=SamplingParams(
+        temperature=1.0, max_tokens=20, seed=0, ignore_eos=True, n=2), use_tqdm=False)
+    for o in outs:
+        for c in o.outputs:
+            r = np.sort(c.routed_experts, -1)
+            assert r.shape[0] == len(o.prompt_token_ids) + len(c.token_ids) - 1
+            assert (r < 8).all() and (r[..., 1:] != r[..., :-1]).all()
