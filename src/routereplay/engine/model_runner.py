@@ -164,6 +164,7 @@ class ModelRunner:
             torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev),
             torch.tensor([s.seed for s in to_sample], dtype=torch.long).to(dev),
             torch.tensor([len(s) for s in to_sample], dtype=torch.long).to(dev),
+            truncate=any(x.top_k > 0 or x.top_p < 1 for x in p),
         )
         return to_sample, tokens.tolist(), logprobs.tolist()
 

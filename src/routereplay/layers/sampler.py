@@ -27,25 +27,31 @@ def counter_uniform(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> t
     return (_srl(x, 40).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seed: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [S, V] fp32 -> (token ids [S], log-probs [S]) under the distribution sampled from.
-
-    temperature 0 = greedy; top_k <= 0 or >= V = off; top_p 1 = off.
-    """
-    greedy = temperature == 0
-    logp_plain = torch.log_softmax(logits, dim=-1)
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+def _truncated_log_softmax(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """log-probs renormalised over the top-k / top-p set (-inf outside it)."""
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    vocab = scaled.shape[-1]
+    ranks = torch.arange(vocab, device=scaled.device)[None, :]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)[:, None]
     probs = torch.softmax(sorted_logits, dim=-1)
     # Keep a token if it is within top-k and the mass before it is below top-p (the first always stays).
     keep = (ranks < k) & ((probs.cumsum(-1) - probs) < top_p[:, None])
-    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    logp_sorted = torch.log_softmax(sorted_logits, dim=-1)
-    logp = torch.empty_like(logp_sorted).scatter_(1, order, logp_sorted)
+    logp_sorted = torch.log_softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.empty_like(logp_sorted).scatter_(1, order, logp_sorted)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           seed: torch.Tensor, position: torch.Tensor, truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [S, V] fp32 -> (token ids [S], log-probs [S]) under the distribution sampled from.
+
+    temperature 0 = greedy; top_k <= 0 or >= V = off; top_p 1 = off. `truncate=False` (the caller
+    knows no row uses top-k / top-p) skips the vocabulary sort.
+    """
+    greedy = temperature == 0
+    logp_plain = torch.log_softmax(logits, dim=-1)
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    logp = _truncated_log_softmax(scaled, top_k, top_p) if truncate else torch.log_softmax(scaled, dim=-1)
+    vocab = logits.shape[-1]
     gumbel = -torch.log(-torch.log(counter_uniform(seed, position, vocab)))
     sampled = torch.argmax(logp + gumbel, dim=-1)
     tokens = torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
