@@ -26,16 +26,16 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
-# Tunables (module level so the benchmark can sweep them).
+# Tunables (module level so the benchmark can sweep them); values from sweeps on an H200, bf16, D=128.
 DECODE_BLOCK_N = 64  # KV tokens per inner iteration of decode
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
-DECODE_MIN_SPLIT_TOKENS = 128  # never split the KV length finer than this
+DECODE_MIN_SPLIT_TOKENS = 64  # never split the KV length finer than this
 DECODE_MAX_SPLITS = 64
-PREFILL_BLOCK_M = 128
+PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
-PREFILL_NUM_WARPS = 8
-PREFILL_NUM_STAGES = 2
+PREFILL_NUM_WARPS = 4
+PREFILL_NUM_STAGES = 3
 
 _LOG2E = 1.4426950408889634
 
@@ -142,19 +142,20 @@ if HAS_TRITON:
     @triton.jit
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                          stride_kn, stride_kh, stride_vn, stride_vh,
-                         HEAD_D: tl.constexpr, KV_HEADS: tl.constexpr, BLOCK: tl.constexpr):
+                         KV_HEADS: tl.constexpr, H_PAD: tl.constexpr, HEAD_D: tl.constexpr,
+                         D_PAD: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + n).to(tl.int64)
         if slot < 0:  # CUDA-graph padding row: writes nothing
             return
-        offs = tl.arange(0, BLOCK)
-        mask = offs < KV_HEADS * HEAD_D
-        h = offs // HEAD_D
-        d = offs % HEAD_D
+        h = tl.arange(0, H_PAD)[:, None]
+        d = tl.arange(0, D_PAD)[None, :]
+        mask = (h < KV_HEADS) & (d < HEAD_D)
+        dst = slot * (KV_HEADS * HEAD_D) + h * HEAD_D + d
         kv = tl.load(k_ptr + n * stride_kn + h * stride_kh + d, mask=mask)
-        tl.store(kc_ptr + slot * (KV_HEADS * HEAD_D) + offs, kv.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(kc_ptr + dst, kv.to(kc_ptr.dtype.element_ty), mask=mask)
         vv = tl.load(v_ptr + n * stride_vn + h * stride_vh + d, mask=mask)
-        tl.store(vc_ptr + slot * (KV_HEADS * HEAD_D) + offs, vv.to(vc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + dst, vv.to(vc_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_ml_ptr,
@@ -331,8 +332,8 @@ def _store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
     _store_kv_kernel[(N,)](k, v, k_cache, v_cache, slot_mapping,
-                           k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                           HEAD_D=D, KV_HEADS=Hkv, BLOCK=_next_pow2(Hkv * D), num_warps=4)
+                           k.stride(0), k.stride(1), v.stride(0), v.stride(1), KV_HEADS=Hkv,
+                           H_PAD=_next_pow2(Hkv), HEAD_D=D, D_PAD=_next_pow2(D), num_warps=4)
 
 
 def decode_num_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int,
@@ -372,7 +373,8 @@ def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_ml,
         scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, G_PAD=max(16, _next_pow2(group)), KV_HEADS=Hkv, HEAD_D=D, D_PAD=d_pad, PAGE=page,
-        BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=num_splits, DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_N=DECODE_BLOCK_N if q.element_size() <= 2 else min(DECODE_BLOCK_N, 32), NUM_SPLITS=num_splits,
+        DOT_PREC=_dot_prec(q.dtype),
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
     if num_splits > 1:
         _decode_reduce_kernel[(B, Hq)](part_o, part_ml, out, out.stride(0), out.stride(1),
@@ -395,7 +397,9 @@ def _prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         return out
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
     assert block_tables.stride(1) == 1
-    block_m = PREFILL_BLOCK_M
+    block_m, block_n = PREFILL_BLOCK_M, PREFILL_BLOCK_N
+    if q.element_size() > 2:  # fp32: no tensor cores, smaller tiles keep it out of local memory
+        block_m, block_n = min(block_m, 64), min(block_n, 32)
     # Small query counts (decode-heavy batches, tiny models) waste less with a smaller tile.
     while block_m > 16 and block_m // 2 >= max_seqlen_q:
         block_m //= 2
@@ -404,7 +408,7 @@ def _prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_TILES=num_tiles, NUM_HEADS=Hq, GROUP=Hq // Hkv, KV_HEADS=Hkv, HEAD_D=D,
-        D_PAD=max(16, _next_pow2(D)), PAGE=page, BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N,
+        D_PAD=max(16, _next_pow2(D)), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PREC=_dot_prec(q.dtype), num_warps=PREFILL_NUM_WARPS if block_m >= 64 else 4,
         num_stages=PREFILL_NUM_STAGES)
     return out

@@ -86,7 +86,7 @@ if HAS_TRITON:
             offs = c0 + tl.arange(0, CHUNK)
             m = offs < M
             ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
-            tl.atomic_add(counts_ptr + ids, 1, mask=m)
+            tl.atomic_add(counts_ptr + ids, 1, mask=m, sem="relaxed")  # the barrier orders
         tl.debug_barrier()
         # volatile: read the atomics' result from L2, never a stale L1 line of the zeroing stores.
         cnt = tl.load(counts_ptr + e, mask=e_mask, other=0, volatile=True)
@@ -97,7 +97,7 @@ if HAS_TRITON:
             offs = c0 + tl.arange(0, CHUNK)
             m = offs < M
             ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
-            dest = tl.atomic_add(cursor_ptr + ids, 1, mask=m)
+            dest = tl.atomic_add(cursor_ptr + ids, 1, mask=m, sem="relaxed")
             tl.store(pairs_ptr + dest, offs, mask=m)
 
     @triton.jit
@@ -105,7 +105,7 @@ if HAS_TRITON:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < M
         ids = tl.load(ids_ptr + offs, mask=m, other=0).to(tl.int32)
-        rank = tl.atomic_add(counts_ptr + ids, 1, mask=m)
+        rank = tl.atomic_add(counts_ptr + ids, 1, mask=m, sem="relaxed")  # kernel end orders
         tl.store(rank_ptr + offs, rank, mask=m)
 
     @triton.jit
@@ -226,9 +226,10 @@ if HAS_TRITON:
         tl.store(out_ptr + n * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def moe_config(num_pairs: int, num_experts: int) -> dict:
-    """Tiles for a batch of ``num_pairs`` (token, expert) pairs: a function of shapes only."""
-    return MOE_CONFIG_SMALL if num_pairs <= MOE_SMALL_AVG_PAIRS * num_experts else MOE_CONFIG_LARGE
+def moe_config(num_tokens: int, top_k: int, num_experts: int) -> dict:
+    """Tiles for a batch: a function of shapes only (fixed inside a CUDA graph)."""
+    small = num_tokens * top_k <= MOE_SMALL_AVG_PAIRS * num_experts
+    return MOE_CONFIG_SMALL if small else MOE_CONFIG_LARGE
 
 
 def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
@@ -245,11 +246,12 @@ def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
         return out
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
     assert w13.shape[2] == H and tuple(w2.shape) == (E, H, inter)
-    cfg = config or moe_config(M, E)
+    cfg = config or moe_config(N, K, E)
     bm = cfg["block_m"]
     dev = x.device
     ids = topk_ids.reshape(-1)
     wts = topk_weights.reshape(-1).to(torch.float32)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
     e_pad = max(16, _next_pow2(E))
     # Upper bound on padded rows: each non-empty expert (at most min(E, M)) wastes < bm rows.
     num_blocks = triton.cdiv(M + min(E, M) * (bm - 1), bm)
@@ -266,7 +268,6 @@ def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
         blk = max(16, 8192 // e_pad)  # keeps the [BLOCK, E_PAD] compare small
         _moe_scatter_kernel[(triton.cdiv(M, blk),)](ids, counts, rank, pairs, M, E, E_PAD=e_pad,
                                                     BLOCK_M=bm, BLOCK=blk, num_warps=4)
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
     act = torch.empty(num_blocks * bm, inter, dtype=x.dtype, device=dev)
     bn, bk = cfg["gu_block_n"], cfg["gu_block_k"]
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
