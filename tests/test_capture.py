@@ -129,3 +129,15 @@ def test_routing_goes_to_the_local_store(ckpt_root, tmp_path):
             np.testing.assert_array_equal(store.get(c.routing_key), c.routed_experts)
 
 
+
+
+def test_unstorable_rollout_id_is_rejected_up_front(ckpt_root, tmp_path):
+    rr = {"enable": True, "store": "local", "local_store_dir": str(tmp_path / "routing")}
+    llm = LLM(tiny_checkpoint(ckpt_root, "qwen3_moe"), max_model_len=256, routing_replay=rr)
+    for bad in ("a\x00b", "\ud800", ""):
+        with pytest.raises(ValueError, match="request 0: rollout_id"):
+            llm.generate(prompt_token_ids=[[4, 5]], sampling_params=SamplingParams(rollout_id=bad), use_tqdm=False)
+    out = llm.generate(prompt_token_ids=[[4, 5]], sampling_params=SamplingParams(max_tokens=2, rollout_id="../x"),
+                       use_tqdm=False)
+    assert out[0].outputs[0].routing_error is None
+    llm.close()

@@ -39,8 +39,8 @@ class SamplingParams:
              f"must be token ids in [0, {vocab_size})"),
             ("routed_experts_start", isinstance(self.routed_experts_start, int) and self.routed_experts_start >= 0,
              "must be an integer >= 0"),
-            ("rollout_id", self.rollout_id is None or (isinstance(self.rollout_id, str) and self.rollout_id != ""),
-             "must be a non-empty string"),
+            ("rollout_id", self.rollout_id is None or _storable_key(self.rollout_id),
+             "must be a non-empty UTF-8 string without NUL"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -49,3 +49,14 @@ class SamplingParams:
 
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _storable_key(key) -> bool:
+    """Every store backend can hold it (the store encodes path tricks; NUL and lone surrogates it cannot)."""
+    if not isinstance(key, str) or not key or "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,7 +171,12 @@ class LLMEngine:
         if self.store_writer is not None:
             key = req.params.rollout_id or req.request_id
             out.routing_key = key if req.params.n == 1 else f"{key}/{out.index}"
-            out.store_future = self.store_writer.submit(out.routing_key, array)
+            try:
+                out.store_future = self.store_writer.submit(out.routing_key, array)
+            except Exception as e:  # never let one request's store failure stall the loop
+                log.error("routing store write for %r failed: %s", out.routing_key, e)
+                out.store_future = Future()
+                out.store_future.set_exception(e)
         if req.want_routing:
             out.routed_experts = array[out.routed_experts_start :]
 

@@ -1,0 +1,78 @@
+"""Command line: ``routereplay serve --model DIR [...]`` (OpenAI-compatible rollout server).
+
+``routereplay demo ...`` and ``routereplay inspect ...`` hand their arguments to
+``routereplay.demo.main`` and ``routereplay.inspect_store.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module whose main(argv) runs it, help)
+_DELEGATED = {
+    "demo": ("routereplay.demo", "the whole R3 loop on a small random MoE, with plots"),
+    "inspect": ("routereplay.inspect_store", "summarise the routing in a store"),
+}
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server that records routing",
+                       description="OpenAI-compatible rollout server; routing returned and/or stored.")
+    d = " (default: %(default)s)"
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address" + d)
+    p.add_argument("--port", type=int, default=8000, help="port" + d)
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    p.add_argument("--routing-replay", default=None, metavar="JSON",
+                   help='routing capture, e.g. \'{"enable": true, "store": "local", "local_store_dir": "./routing"}\'')
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch" + d)
+    p.add_argument("--max-model-len", type=int, default=4096, help="prompt + output tokens" + d)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step" + d)
+    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens" + d)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16" + d)
+    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests" + d)
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help=d.strip())
+    p.set_defaults(func=_serve, parser=p)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from routereplay.config import EngineConfig
+    from routereplay.server import serve
+
+    try:
+        config = EngineConfig(
+            model=args.model, routing_replay=args.routing_replay, max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, dtype=args.dtype, seed=args.seed,
+            enable_prefix_caching=not args.no_prefix_caching,
+        )
+    except (ValueError, TypeError) as e:
+        args.parser.error(str(e))
+    serve(config, host=args.host, port=args.port, served_model_name=args.served_model_name,
+          log_level=args.log_level)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        return importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:])
+    parser = argparse.ArgumentParser(prog="routereplay", description="Rollout Routing Replay (R3) for MoE RL.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    for name, (_module, help_text) in _DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; dispatched above
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

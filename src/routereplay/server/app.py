@@ -1,0 +1,723 @@
+"""OpenAI-compatible rollout server: FastAPI handlers on the event loop, one engine thread.
+
+Threads. Handlers (uvicorn's event loop) parse, tokenize, validate and format. ONE engine thread
+owns the LLMEngine, which is not thread-safe: it alone calls add_request / step / abort. Handlers
+hand work over through a queue (the thread blocks on it when idle); the thread answers through
+``loop.call_soon_threadsafe`` into one asyncio.Queue per HTTP request. Handlers do call
+``engine.validate``: it only reads the engine's immutable configuration.
+
+Streaming. ``LLMEngine.step()`` returns only the requests that completed, so after every step the
+engine thread reads the live sequences of streaming requests (``engine.requests[rid].seqs``: each
+``Sequence`` has ``token_ids``, ``num_prompt_tokens`` and ``logprobs``) and pushes what is new since
+the last step. Those lists only grow (preemption recomputes the KV cache but keeps the tokens), so
+the deltas add up to exactly the final output.
+
+Routing. A response (or a stream's final chunk) is sent only after its routing write to the store
+finished, so a client holding a response can read the store at once. A failed write is logged,
+counted, and reported in the choice's ``routing_error``; the request itself still succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from routereplay.config import EngineConfig
+from routereplay.engine.llm_engine import LLMEngine
+from routereplay.outputs import CompletionOutput, RequestOutput
+from routereplay.routing import encode
+from routereplay.sampling_params import SamplingParams
+
+log = logging.getLogger("routereplay.server")
+
+__all__ = ["ApiError", "EngineThread", "create_app", "serve"]
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+_TYPE_TAGS = {"str", "int", "bool", "float", "list", "dict", "none"}
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    """``("body", "messages", 0, "content", "str")`` -> ``"messages[0].content"``.
+
+    Union members appear in the location as type tags (``str``, ``list[int]``): they are dropped so
+    that the error names the request field.
+    """
+    text = ""
+    for p in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(p, int):
+            text += f"[{p}]"
+        elif p in _TYPE_TAGS or "[" in p:
+            break
+        else:
+            text += f".{p}" if text else p
+    return text or None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"malformed JSON body: {err.get('msg')}", "body")
+    param = _loc_to_param(tuple(err.get("loc", ())))
+    msg = err.get("msg")
+    if param == "prompt" or (param or "").startswith("prompt["):
+        msg = "must be a string, a list of token ids, a list of strings or a list of token-id lists"
+    return ApiError(400, f"{param or 'body'}: {msg}", param or "body")
+
+
+_ENGINE_FIELD = re.compile(r"^([a-z_]+)")
+
+
+def _engine_param(message: str, prompt_field: str) -> str:
+    """The request field an ``LLMEngine.validate`` message is about."""
+    if message.startswith("prompt + max_tokens"):
+        return "max_tokens"
+    m = _ENGINE_FIELD.match(message)
+    name = m.group(1) if m else "prompt"
+    return prompt_field if name in ("prompt", "prompt_token_ids") else name
+
+
+# ---- request bodies --------------------------------------------------------------------------------
+class _Body(BaseModel):
+    # Strict: a JSON API should not turn "5" into 5 or true into 1. Unknown fields are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    # OpenAI fields this engine does not implement: rejected when set to a non-default value
+    stop: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    tools: Any = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    # routereplay fields
+    return_routed_experts: bool | None = None
+    routed_experts_start: int = 0
+    rollout_id: str | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: bool | int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+
+
+
+_UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "presence_penalty": 0,
+                "frequency_penalty": 0, "tools": 0}  # field -> the numeric value that means "off"
+
+
+# ---- the engine thread ------------------------------------------------------------------------------
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One engine request; ``events`` is shared by all jobs of one HTTP request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    seqs: list = field(default_factory=list)
+    sent: list[int] = field(default_factory=list)  # streamed tokens per sample
+
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+_STOP = ("stop", None)
+
+
+class EngineThread:
+    """The only thread that touches the LLMEngine.
+
+    Events sent to a job's queue: ``("delta", rid, sample, token_ids, logprobs)`` (streaming jobs),
+    ``("done", rid, RequestOutput)`` or ``("error", rid, message)``.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: dict[str, _Job] = {}
+        self._thread = threading.Thread(target=self._run, name="routereplay-engine", daemon=True)
+        self.failed: str | None = None
+        self.pending = 0  # submitted, not yet taken by the engine thread
+        self._pending_lock = threading.Lock()
+        self.snapshot: dict[str, int] = self._take_snapshot()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failed is None
+
+    def submit(self, job: _Job) -> None:
+        with self._pending_lock:
+            self.pending += 1
+        self._inbox.put(("add", job))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Fail what is still in flight and end the thread (the caller closes the engine)."""
+        if self._thread.is_alive():
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+
+    def _take_snapshot(self) -> dict[str, int]:
+        s = self.engine.scheduler
+        return {**self.engine.stats, "waiting": len(s.waiting), "running": len(s.running)}
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the engine loop: fail loudly, never hang clients
+            self.failed = f"engine thread died: {type(e).__name__}: {e}"
+            log.exception("engine thread died")
+            self._fail_all(self.failed)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            # Idle: block on the inbox. Busy: take whatever arrived and step again.
+            cmds = [] if engine.has_unfinished() else [self._inbox.get()]
+            while True:
+                try:
+                    cmds.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, arg in cmds:
+                if kind == "stop":
+                    self._shutdown()
+                    return
+                if kind == "add":
+                    with self._pending_lock:
+                        self.pending -= 1
+                    self._add(arg)
+                elif kind == "abort" and self._jobs.pop(arg, None) is not None:
+                    engine.abort(arg)
+            if engine.has_unfinished():
+                try:
+                    finished = engine.step()
+                except Exception as e:
+                    log.exception("engine step failed; failing %d in-flight requests", len(self._jobs))
+                    for rid in list(self._jobs):
+                        engine.abort(rid)
+                    self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                    finished = []
+                self._publish(finished)
+            self.snapshot = self._take_snapshot()
+
+    def _add(self, job: _Job) -> None:
+        try:
+            self.engine.add_request(job.prompt_token_ids, job.params, request_id=job.request_id,
+                                    prompt=job.prompt)
+        except Exception as e:  # validated by the handler already; a race such as a reused id
+            job.emit(("error", job.request_id, f"{type(e).__name__}: {e}"))
+            return
+        job.seqs = list(self.engine.requests[job.request_id].seqs)
+        job.sent = [0] * len(job.seqs)
+        self._jobs[job.request_id] = job
+
+    def _publish(self, finished: list[RequestOutput]) -> None:
+        for job in self._jobs.values():
+            if job.stream:
+                for i, seq in enumerate(job.seqs):
+                    start = seq.num_prompt_tokens + job.sent[i]
+                    new = seq.token_ids[start:]
+                    if new:
+                        lps = seq.logprobs[job.sent[i] : job.sent[i] + len(new)]
+                        job.sent[i] += len(new)
+                        job.emit(("delta", job.request_id, i, new, lps))
+        for out in finished:
+            job = self._jobs.pop(out.request_id, None)
+            if job is not None:
+                job.emit(("done", out.request_id, out))
+
+    def _fail_all(self, message: str) -> None:
+        for job in self._jobs.values():
+            job.emit(("error", job.request_id, message))
+        self._jobs.clear()
+
+    def _shutdown(self) -> None:
+        for rid in list(self._jobs):
+            self.engine.abort(rid)
+        self._fail_all("the server is shutting down")
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                arg.emit(("error", arg.request_id, "the server is shutting down"))
+
+
+# ---- the service ----------------------------------------------------------------------------------------
+def _sse(obj: Mapping[str, Any] | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def _check_key(key: str, param: str) -> None:
+    """Reject store keys that no backend can hold (NUL) or that cannot be sent back as UTF-8."""
+    if key == "":
+        raise ApiError(400, f"{param} must be a non-empty string", param)
+    if "\x00" in key:
+        raise ApiError(400, f"{param} must not contain NUL characters", param)
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param} is not valid unicode (lone surrogate)", param) from None
+
+
+class _Service:
+    def __init__(self, engine: LLMEngine, served_model_name: str | None) -> None:
+        self.engine = engine
+        self.runner = EngineThread(engine)
+        self.model_name = served_model_name or engine.config.model
+        self.aliases = {self.model_name, engine.config.model}
+        self.tokenizer = self._load_tokenizer(engine.config.model)
+        self.created = int(time.time())
+
+    @staticmethod
+    def _load_tokenizer(model_dir: str) -> Any:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(model_dir)
+        except Exception as e:  # no tokenizer files: token-id prompts still work
+            log.warning("no tokenizer in %s (%s): only token-id prompts are accepted", model_dir, e)
+            return None
+
+    # -- shared pieces
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.aliases:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", code="model_not_found")
+
+    def check_alive(self) -> None:
+        if not self.runner.alive:
+            raise ApiError(503, self.runner.failed or "the engine is not running", type="server_error")
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def token_str(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def tokenize(self, text: str, param: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param)
+        return list(self.tokenizer(text)["input_ids"])
+
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
+        msgs = []
+        for i, m in enumerate(messages):
+            content = m.content
+            if isinstance(content, list):  # OpenAI content parts: keep the text ones
+                texts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                                       f"messages[{i}].content")
+                    texts.append(part["text"])
+                content = "".join(texts)
+            msgs.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
+        try:
+            ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # template errors (jinja raises many types)
+            raise ApiError(400, f"messages: the chat template failed: {e}", "messages") from None
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def build_jobs(self, body: _Body, prompts: list[tuple[list[int], str | None]], want_lp: bool,
+                   max_tokens: int | None, prompt_field: str, rid: str) -> list[_Job]:
+        """Validate every prompt, then make the engine requests (nothing is queued on error)."""
+        if body.stop:
+            raise ApiError(400, "stop strings are not supported: use stop_token_ids", "stop")
+        for name, default in _UNSUPPORTED.items():
+            value = getattr(body, name, None)
+            if not (value is None or value is False or value in ("", [], {})
+                    or (type(value) in (int, float) and value == default)):
+                raise ApiError(400, f"{name}={value!r} is not supported by this server", name)
+        if body.rollout_id is not None:
+            _check_key(body.rollout_id, "rollout_id")
+        elif body.user is not None:
+            _check_key(body.user, "user")
+        base = body.rollout_id or body.user or rid
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = []
+        for j, (ids, text) in enumerate(prompts):
+            params = SamplingParams(
+                n=body.n,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=-1 if body.top_k is None else body.top_k,
+                max_tokens=16 if max_tokens is None else max_tokens,
+                seed=body.seed,
+                stop_token_ids=list(body.stop_token_ids or []),
+                ignore_eos=body.ignore_eos,
+                logprobs=want_lp,
+                return_routed_experts=body.return_routed_experts,
+                routed_experts_start=body.routed_experts_start,
+                rollout_id=base if len(prompts) == 1 else f"{base}/{j}",
+            )
+            try:
+                self.engine.validate(ids, params)
+            except ValueError as e:
+                where = f"{prompt_field}[{j}]: " if len(prompts) > 1 else ""
+                raise ApiError(400, f"{where}{e}", _engine_param(str(e), prompt_field)) from None
+            jobs.append(_Job(f"{rid}-{j}", ids, params, text, body.stream, loop, events))
+        return jobs
+
+    async def finish_routing(self, outputs: list[CompletionOutput]) -> None:
+        """Wait for the store writes of these outputs; a failure becomes ``routing_error``."""
+        for c in outputs:
+            if c.store_future is None:
+                continue
+            try:
+                await asyncio.wrap_future(c.store_future)
+            except Exception as e:
+                c.routing_error = f"{type(e).__name__}: {e}"
+                log.error("routing for key %r was not stored: %s", c.routing_key, c.routing_error)
+
+    def routing_fields(self, c: CompletionOutput) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if c.routed_experts is not None:
+            d["routed_experts"] = encode(c.routed_experts)
+        if self.engine.store_writer is not None:
+            d["routing_key"] = c.routing_key
+            d["routing_error"] = c.routing_error
+        return d
+
+    def logprobs_obj(self, chat: bool, token_ids: list[int], lps: list[float], offset: int = 0) -> dict:
+        toks = [self.token_str(t) for t in token_ids]
+        if chat:
+            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
+                                for s, lp in zip(toks, lps, strict=True)]}
+        offsets = []
+        for s in toks:
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": offsets}
+
+    async def run(self, body: _Body, prompts: list[tuple[list[int], str | None]], *, chat: bool,
+                  want_lp: bool, max_tokens: int | None) -> JSONResponse | StreamingResponse:
+        self.check_alive()
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        jobs = self.build_jobs(body, prompts, want_lp, max_tokens, "messages" if chat else "prompt", rid)
+        for job in jobs:
+            self.runner.submit(job)
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._stream(jobs, rid, chat, want_lp, include_usage),
+                                     media_type="text/event-stream")
+        return JSONResponse(await self._complete(jobs, rid, chat, want_lp))
+
+    async def _wait_all(self, jobs: list[_Job]) -> dict[str, RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        events = jobs[0].events
+        try:
+            while len(done) < len(jobs):
+                kind, req_id, *rest = await events.get()
+                if kind == "error":
+                    raise ApiError(500, rest[0], type="server_error")
+                if kind == "done":
+                    done[req_id] = rest[0]
+        finally:
+            for job in jobs:
+                if job.request_id not in done:
+                    self.runner.abort(job.request_id)
+        return done
+
+    def _head(self, rid: str, chat: bool, chunk: bool) -> dict[str, Any]:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name}
+
+    async def _complete(self, jobs: list[_Job], rid: str, chat: bool, want_lp: bool) -> dict[str, Any]:
+        done = await self._wait_all(jobs)
+        outs = [done[job.request_id] for job in jobs]
+        await self.finish_routing([c for o in outs for c in o.outputs])
+        choices = []
+        n = jobs[0].params.n
+        for j, out in enumerate(outs):
+            for c in out.outputs:
+                text = self.decode(c.token_ids)
+                lp = self.logprobs_obj(chat, c.token_ids, c.logprobs or []) if want_lp else None
+                choice: dict[str, Any] = {"index": j * n + c.index}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                choice.update(logprobs=lp, finish_reason=c.finish_reason, token_ids=c.token_ids,
+                              prompt_token_ids=out.prompt_token_ids, **self.routing_fields(c))
+                choices.append(choice)
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+        completion_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return {**self._head(rid, chat, False), "choices": choices, "usage": usage}
+
+    async def _stream(self, jobs: list[_Job], rid: str, chat: bool, want_lp: bool,
+                      include_usage: bool) -> AsyncIterator[str]:
+        n = jobs[0].params.n
+        index = {job.request_id: j for j, job in enumerate(jobs)}
+        tokens: dict[int, list[int]] = {}  # choice index -> token ids so far
+        texts: dict[int, str] = {}  # choice index -> text sent so far
+        finished: set[str] = set()
+        usage = {"prompt_tokens": sum(len(job.prompt_token_ids) for job in jobs), "completion_tokens": 0}
+
+        def chunk(ci: int, text: str, extra: dict[str, Any]) -> str:
+            choice: dict[str, Any] = {"index": ci}
+            if chat:
+                choice["delta"] = {"content": text} if text else {}
+            else:
+                choice["text"] = text
+            choice.update(extra)
+            return _sse({**self._head(rid, chat, True), "choices": [choice]})
+
+        def text_delta(ci: int, final: bool) -> str:
+            full = self.decode(tokens[ci])
+            sent = texts[ci]
+            # Hold back an incomplete UTF-8 character until its last byte arrives.
+            if not full.startswith(sent) or (full.endswith("\ufffd") and not final):
+                return ""
+            texts[ci] = full
+            return full[len(sent) :]
+
+        try:
+            for j in range(len(jobs)):
+                for i in range(n):
+                    tokens[j * n + i], texts[j * n + i] = [], ""
+                    if chat:
+                        yield _sse({**self._head(rid, chat, True), "choices": [
+                            {"index": j * n + i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}]})
+            events = jobs[0].events
+            while len(finished) < len(jobs):
+                kind, req_id, *rest = await events.get()
+                if kind == "error":
+                    yield _sse({"error": {"message": rest[0], "type": "server_error", "param": None,
+                                          "code": None}})
+                    return
+                j = index[req_id]
+                if kind == "delta":
+                    i, new, lps = rest
+                    ci = j * n + i
+                    offset = len(texts[ci])
+                    tokens[ci].extend(new)
+                    lp = self.logprobs_obj(chat, new, lps, offset) if want_lp else None
+                    yield chunk(ci, text_delta(ci, False), {"logprobs": lp, "finish_reason": None,
+                                                            "token_ids": new})
+                elif kind == "done":
+                    out: RequestOutput = rest[0]
+                    finished.add(req_id)
+                    await self.finish_routing(out.outputs)
+                    for c in out.outputs:
+                        ci = j * n + c.index
+                        tokens[ci] = list(c.token_ids)
+                        usage["completion_tokens"] += len(c.token_ids)
+                        yield chunk(ci, text_delta(ci, True), {
+                            "logprobs": None, "finish_reason": c.finish_reason, "token_ids": [],
+                            "prompt_token_ids": out.prompt_token_ids, **self.routing_fields(c)})
+            if include_usage:
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield _sse({**self._head(rid, chat, True), "choices": [], "usage": usage})
+            yield _sse("[DONE]")
+        finally:  # a client that went away frees its sequences
+            for job in jobs:
+                if job.request_id not in finished:
+                    self.runner.abort(job.request_id)
+
+    # -- endpoints
+    async def completions(self, body: CompletionBody) -> JSONResponse | StreamingResponse:
+        self.check_model(body.model)
+        p = body.prompt
+        if isinstance(p, str):
+            prompts = [(self.tokenize(p, "prompt"), p)]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = [(self.tokenize(x, f"prompt[{j}]"), x) for j, x in enumerate(p)]
+        elif p and all(isinstance(x, list) for x in p):
+            prompts = [(list(x), None) for x in p]
+        else:
+            prompts = [(list(p), None)]
+        want_lp = body.logprobs is not None and body.logprobs is not False
+        return await self.run(body, prompts, chat=False, want_lp=want_lp, max_tokens=body.max_tokens)
+
+    async def chat(self, body: ChatBody) -> JSONResponse | StreamingResponse:
+        self.check_model(body.model)
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+            raise ApiError(400, f"top_logprobs must be in [0, 20], got {body.top_logprobs}", "top_logprobs")
+        prompts = [(self.chat_ids(body.messages), None)]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await self.run(body, prompts, chat=True, want_lp=bool(body.logprobs), max_tokens=max_tokens)
+
+    def models(self) -> dict[str, Any]:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "routereplay",
+                "root": self.engine.config.model, "max_model_len": self.engine.config.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    def metrics(self) -> str:
+        snap = self.runner.snapshot
+        writer = self.engine.store_writer
+        rows: list[tuple[str, Literal["counter", "gauge"], str, int]] = [
+            ("routereplay_requests_total", "counter", "Engine requests accepted (one per prompt).",
+             snap["requests"]),
+            ("routereplay_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.",
+             snap["prompt_tokens"]),
+            ("routereplay_generation_tokens_total", "counter", "Tokens generated.", snap["generation_tokens"]),
+            ("routereplay_queue_depth", "gauge", "Sequences waiting or running in the engine, plus requests "
+             "not yet taken by the engine thread.", snap["waiting"] + snap["running"] + self.runner.pending),
+            ("routereplay_store_queue_depth", "gauge", "Routing store writes accepted and not finished.",
+             writer.queue_depth if writer else 0),
+            ("routereplay_store_written_total", "counter", "Routing store writes that succeeded.",
+             writer.written if writer else 0),
+            ("routereplay_store_errors_total", "counter", "Routing store writes that failed.",
+             writer.errors if writer else 0),
+        ]
+        lines = []
+        for name, kind, help_text, value in rows:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAPI:
+    """The FastAPI app over ``engine``; it starts the engine thread and closes the engine on shutdown."""
+    svc = _Service(engine, served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.runner.start()
+        log.info("serving %r (max_model_len %d, routing %s)", svc.model_name, engine.config.max_model_len,
+                 engine.config.routing_replay.to_dict())
+        try:
+            yield
+        finally:
+            svc.runner.stop()
+            engine.close()  # flushes the routing store writer
+            w = engine.store_writer
+            if w is not None:
+                log.info("engine closed: %d routing writes stored, %d failed", w.written, w.errors)
+            else:
+                log.info("engine closed")
+
+    app = FastAPI(title="routereplay", lifespan=lifespan)
+    app.state.service = svc
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail)).response()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Any:
+        return await svc.completions(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody) -> Any:
+        return await svc.chat(body)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return svc.models()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if svc.runner.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "error", "message": svc.runner.failed or "not started"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(svc.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          log_level: str = "info") -> None:
+    """Build the engine and run uvicorn until SIGINT/SIGTERM; the engine is closed on the way out."""
+    import uvicorn
+
+    engine = LLMEngine(config)
+    try:
+        app = create_app(engine, served_model_name)
+        uvicorn.run(app, host=host, port=port, log_config=None, log_level=log_level,
+                    timeout_graceful_shutdown=30)
+    finally:
+        engine.close()

@@ -1,0 +1,418 @@
+"""The OpenAI-compatible server end to end: a real uvicorn subprocess, driven by the official client."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from openai import BadRequestError, NotFoundError, OpenAI
+
+from routereplay.routing import decode
+from routereplay.store import LocalStore, RedisStore
+from routereplay.tiny import make_tiny_checkpoint
+
+MODEL = "tiny-moe"  # --served-model-name
+MAX_MODEL_LEN = 256
+START_TIMEOUT_S = 90.0
+L_MOE, TOP_K, NUM_EXPERTS, VOCAB = 2, 2, 8, 128  # the tiny qwen3_moe checkpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m routereplay.cli serve ...` on a free loopback port; stdout+stderr go to `log_path`."""
+
+    def __init__(self, model_dir: str, log_path: Path, *args: str, wait: bool = True) -> None:
+        self.cmd = [sys.executable, "-m", "routereplay.cli", "serve", "--model", model_dir,
+                    "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "8",
+                    *args]
+        self.log_path = log_path
+        self.launch()
+        if wait:
+            self.wait_ready()
+
+    def launch(self) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([*self.cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        relaunches = 2  # the probed port can be taken before the server binds it
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                if relaunches and "address already in use" in self.log().lower():
+                    relaunches -= 1
+                    self.launch()
+                    continue
+                break
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # bounded poll: the server imports torch and loads the model first
+        self.stop()
+        raise RuntimeError(f"server did not come up; log tail:\n{self.log()[-3000:]}")
+
+    def stop(self) -> int:
+        """SIGTERM (graceful: the engine is closed and the store flushed); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def stop_gracefully(self) -> None:
+        """Stop and check the shutdown was graceful (uvicorn re-raises SIGTERM once it is done)."""
+        rc = self.stop()
+        tail = self.log()[-3000:]
+        assert rc in (0, -signal.SIGTERM), tail
+        assert "engine closed" in tail and f"Finished server process [{self.proc.pid}]" in tail, tail
+
+    def restart(self) -> None:
+        self.stop_gracefully()
+        self.launch()
+        self.wait_ready()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+
+    def post(self, path: str, body: object = None, content: bytes | None = None) -> httpx.Response:
+        if content is not None:
+            return httpx.post(self.url + path, content=content, headers={"content-type": "application/json"},
+                              timeout=60)
+        return httpx.post(self.url + path, json=body, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("server_ckpt") / "qwen3_moe"), "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def servers(ckpt: str, tmp_path_factory: pytest.TempPathFactory):
+    """Two servers started side by side (startup is mostly single-threaded imports).
+
+    "srv": routing on, local store, routing returned only on request; tests may restart it, it is
+    running whenever a test starts. "plain": routing capture off.
+    """
+    base = tmp_path_factory.mktemp("srv")
+    store_dir = base / "store"
+    rr = {"enable": True, "store": "local", "local_store_dir": str(store_dir), "return_routed_experts": False}
+    srv = Server(ckpt, base / "server.log", "--routing-replay", json.dumps(rr), wait=False)
+    srv.base, srv.store_dir = base, store_dir
+    plain = Server(ckpt, tmp_path_factory.mktemp("plain") / "server.log", wait=False)
+    try:
+        srv.wait_ready()
+        plain.wait_ready()
+        yield {"srv": srv, "plain": plain}
+    finally:
+        srv.stop()
+        plain.stop()
+    srv.stop_gracefully()
+    plain.stop_gracefully()
+
+
+@pytest.fixture
+def srv(servers: dict) -> Server:
+    return servers["srv"]
+
+
+def complete(c: OpenAI, prompt: object = (5, 6, 7, 8), **extra: object):
+    """A short sampled completion with routing returned; `extra` goes into the body."""
+    body = {"ignore_eos": True, "return_routed_experts": True, **extra}
+    return c.completions.create(model=MODEL, prompt=list(prompt), max_tokens=4, temperature=1.0, seed=1,
+                                extra_body=body)
+
+
+def check_routing(routing: np.ndarray, num_tokens: int, start: int = 0) -> None:
+    assert routing.dtype == np.uint8 and routing.shape == (num_tokens - 1 - start, L_MOE, TOP_K)
+    assert routing.max() < NUM_EXPERTS
+    assert (routing[..., 0] != routing[..., 1]).all()  # K distinct experts per (token, layer)
+
+
+# ---- the OpenAI surface ----------------------------------------------------------------------------
+def test_models_health_metrics(srv: Server) -> None:
+    assert [m.id for m in srv.client().models.list().data] == [MODEL]
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    m = srv.metrics()
+    for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total", "queue_depth",
+                 "store_queue_depth", "store_errors_total"):
+        assert f"routereplay_{name}" in m
+
+
+def test_completion_stream_equals_nonstream(srv: Server, tok) -> None:
+    c = srv.client()
+    kw = dict(model=MODEL, prompt="Hello routing", max_tokens=12, temperature=0, logprobs=1)
+    extra = {"ignore_eos": True, "return_routed_experts": True}
+    ch = c.completions.create(**kw, extra_body={**extra, "rollout_id": "cmp-a"}).choices[0]
+    prompt_ids = tok("Hello routing")["input_ids"]
+    assert ch.finish_reason == "length" and len(ch.token_ids) == 12
+    assert ch.prompt_token_ids == prompt_ids
+    assert ch.text == tok.decode(ch.token_ids, skip_special_tokens=True)
+    lps = ch.logprobs.token_logprobs
+    assert len(lps) == 12 and all(lp <= 0 for lp in lps) and len(ch.logprobs.tokens) == 12
+    routing = decode(ch.routed_experts)
+    check_routing(routing, len(prompt_ids) + 12)
+    assert ch.routing_key == "cmp-a" and ch.routing_error is None
+    np.testing.assert_array_equal(LocalStore(srv.store_dir).get("cmp-a"), routing)  # readable at once
+
+    chunks = list(c.completions.create(**kw, stream=True, extra_body={**extra, "rollout_id": "cmp-b"}))
+    parts = [k.choices[0] for k in chunks]
+    assert len(parts) > 2  # really streamed, token by token
+    assert "".join(p.text for p in parts) == ch.text
+    assert sum((p.token_ids for p in parts), []) == ch.token_ids
+    streamed_lps = sum((p.logprobs.token_logprobs for p in parts if p.logprobs), [])
+    np.testing.assert_allclose(streamed_lps, lps, atol=1e-5)
+    final = parts[-1]
+    assert [p.finish_reason for p in parts[:-1]] == [None] * (len(parts) - 1) and final.finish_reason == "length"
+    assert all(getattr(p, "routed_experts", None) is None for p in parts[:-1])
+    np.testing.assert_array_equal(decode(final.routed_experts), routing)
+    assert final.routing_key == "cmp-b"
+    np.testing.assert_array_equal(LocalStore(srv.store_dir).get("cmp-b"), routing)
+
+
+def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:
+    c = srv.client()
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=10, temperature=0, logprobs=True)
+    extra = {"ignore_eos": True, "return_routed_experts": True}
+    r = c.chat.completions.create(**kw, extra_body=extra)
+    ch = r.choices[0]
+    expect_prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert ch.prompt_token_ids == tok(expect_prompt)["input_ids"]
+    assert len(ch.token_ids) == 10 and ch.message.content == tok.decode(ch.token_ids, skip_special_tokens=True)
+    assert len(ch.logprobs.content) == 10
+    routing = decode(ch.routed_experts)
+    check_routing(routing, len(ch.prompt_token_ids) + 10)
+    assert ch.routing_key == r.id  # no rollout_id and no user: the response id is the key
+    np.testing.assert_array_equal(LocalStore(srv.store_dir).get(r.id), routing)
+
+    chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True},
+                                            extra_body=extra))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    parts = [k.choices[0] for k in chunks[:-1]]
+    assert parts[0].delta.role == "assistant"
+    assert "".join(p.delta.content or "" for p in parts) == ch.message.content
+    assert sum((p.token_ids for p in parts[1:]), []) == ch.token_ids
+    assert parts[-1].finish_reason == "length"
+    np.testing.assert_array_equal(decode(parts[-1].routed_experts), routing)
+
+
+def test_batched_prompts_with_n_samples(srv: Server) -> None:
+    r = srv.client().completions.create(
+        model=MODEL, prompt=[[5, 6, 7], [8, 9, 10, 11]], n=2, max_tokens=4, temperature=1.0, seed=3,
+        extra_body={"ignore_eos": True, "rollout_id": "bat"})
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and r.usage.prompt_tokens == 7
+    store = LocalStore(srv.store_dir)
+    for ch in r.choices:
+        j, i = divmod(ch.index, 2)
+        assert ch.routing_key == f"bat/{j}/{i}" and ch.prompt_token_ids == [[5, 6, 7], [8, 9, 10, 11]][j]
+        assert getattr(ch, "routed_experts", None) is None  # the server default: store only
+        check_routing(store.get(ch.routing_key), len(ch.prompt_token_ids) + 4)
+
+
+def test_abandoned_stream_is_aborted(srv: Server) -> None:
+    before = srv.metrics()["routereplay_generation_tokens_total"]
+    stream = srv.client().completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=MAX_MODEL_LEN - 4,
+                                             stream=True, extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it), next(it)
+    stream.close()  # the client goes away after two tokens
+    deadline = time.monotonic() + 10
+    while srv.metrics()["routereplay_queue_depth"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    m = srv.metrics()
+    assert m["routereplay_queue_depth"] == 0
+    assert m["routereplay_generation_tokens_total"] - before < MAX_MODEL_LEN - 4  # stopped early
+
+
+# ---- load and persistence --------------------------------------------------------------------------
+def test_64_concurrent_requests_match_store_and_survive_restart(srv: Server) -> None:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 40))] for _ in range(64)]
+    c = srv.client()
+    before = srv.metrics()["routereplay_requests_total"]
+
+    store = LocalStore(srv.store_dir)
+
+    def one(i: int):
+        r = c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=4 + i % 9, temperature=1.0,
+                                 seed=i, extra_body={"ignore_eos": True, "return_routed_experts": True,
+                                                     "rollout_id": f"c64/{i}"})
+        return r, store.get(f"c64/{i}")  # read at once: the response waited for the write
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    assert srv.metrics()["routereplay_requests_total"] - before == 64
+    for i, (r, stored) in enumerate(results):
+        ch = r.choices[0]
+        assert ch.routing_key == f"c64/{i}" and ch.routing_error is None and len(ch.token_ids) == 4 + i % 9
+        got = decode(ch.routed_experts)
+        check_routing(got, len(prompts[i]) + len(ch.token_ids))
+        np.testing.assert_array_equal(stored, got)
+        np.testing.assert_array_equal(store.get(ch.routing_key), got)
+    assert store.keys("c64/") == sorted(f"c64/{i}" for i in range(64))
+    held = {k: store.get(k) for k in store.keys()}
+
+    srv.restart()
+    store = LocalStore(srv.store_dir)
+    assert store.keys() == sorted(held)
+    for k, v in held.items():
+        np.testing.assert_array_equal(store.get(k), v)
+    ch = complete(srv.client(), rollout_id="after-restart").choices[0]
+    np.testing.assert_array_equal(store.get("after-restart"), decode(ch.routed_experts))
+    assert len(store.keys()) == len(held) + 1
+
+
+# ---- Redis, and a Redis outage ---------------------------------------------------------------------
+def test_redis_store_and_outage(ckpt: str, redis_server_factory, tmp_path: Path) -> None:
+    redis_server = redis_server_factory()
+    rr = {"enable": True, "store": "redis", "redis_url": redis_server.url}
+    server = Server(ckpt, tmp_path / "server.log", "--routing-replay", json.dumps(rr))
+    try:
+        c = server.client()
+        with RedisStore(redis_server.url) as rs:
+            for i in range(3):
+                ch = complete(c, rollout_id=f"up{i}").choices[0]
+                assert ch.routing_error is None
+                np.testing.assert_array_equal(rs.get(f"up{i}"), decode(ch.routed_experts))
+        assert server.metrics()["routereplay_store_errors_total"] == 0
+
+        redis_server.stop()  # mid-run outage: generation goes on, the routing write fails visibly
+        for i in range(3):
+            ch = complete(c, rollout_id=f"down{i}").choices[0]
+            assert len(ch.token_ids) == 4 and ch.routing_key == f"down{i}"
+            assert "ConnectionError" in ch.routing_error
+        final = list(c.completions.create(model=MODEL, prompt=[5, 6], max_tokens=3, stream=True,
+                                          extra_body={"rollout_id": "down-stream"}))[-1].choices[0]
+        assert final.finish_reason and "ConnectionError" in final.routing_error
+        assert server.metrics()["routereplay_store_errors_total"] >= 4
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop_gracefully()
+    log = server.log()
+    assert "routing store write failed for key 'down0'" in log and "ConnectionError" in log
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+CMP, CHAT = "/v1/completions", "/v1/chat/completions"
+GOOD = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2, "ignore_eos": True}
+BAD = [
+    ("malformed-json", CMP, b'{"model": "tiny-moe", "prompt": ', 400, "body"),
+    ("not-an-object", CMP, [1, 2], 400, "body"),
+    ("max_tokens-type", CMP, {**GOOD, "max_tokens": "ten"}, 400, "max_tokens"),
+    ("temperature-type", CMP, {**GOOD, "temperature": "hot"}, 400, "temperature"),
+    ("prompt-type", CMP, {**GOOD, "prompt": 5}, 400, "prompt"),
+    ("messages-type", CHAT, {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("content-type", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content"),
+    ("unknown-model", CMP, {**GOOD, "model": "no-such-model"}, 404, "model"),
+    ("prompt-too-long", CMP, {**GOOD, "prompt": [5] * (MAX_MODEL_LEN + 10)}, 400, "prompt"),
+    ("chat-too-long", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x" * MAX_MODEL_LEN}]},
+     400, "messages"),
+    ("max_tokens-0", CMP, {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    ("routed_experts_start", CMP, {**GOOD, "routed_experts_start": 50}, 400, "routed_experts_start"),
+    ("token-out-of-vocab", CMP, {**GOOD, "prompt": [5, VOCAB + 1]}, 400, "prompt"),
+    ("empty-batch-item", CMP, {**GOOD, "prompt": [[5, 6], []]}, 400, "prompt"),
+    ("n-0", CMP, {**GOOD, "n": 0}, 400, "n"),
+    ("top_p", CMP, {**GOOD, "top_p": 1.5}, 400, "top_p"),
+    ("stop_token_ids", CMP, {**GOOD, "stop_token_ids": [VOCAB + 5]}, 400, "stop_token_ids"),
+    ("empty-rollout_id", CMP, {**GOOD, "rollout_id": ""}, 400, "rollout_id"),
+    ("stop-strings", CMP, {**GOOD, "stop": ["\n"]}, 400, "stop"),
+    ("echo", CMP, {**GOOD, "echo": True}, 400, "echo"),
+    ("presence_penalty", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                "presence_penalty": 0.5}, 400, "presence_penalty"),
+]
+
+
+def test_bad_input_is_rejected_by_field_and_server_keeps_serving(srv: Server) -> None:
+    before = srv.metrics()["routereplay_requests_total"]
+    for name, path, body, status, param in BAD:
+        if isinstance(body, bytes):
+            r = srv.post(path, content=body)
+        else:
+            r = srv.post(path, body)
+        assert r.status_code == status, (name, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error", (name, err)
+        if name == "unknown-model":
+            assert "no-such-model" in err["message"]
+        ok = srv.post(CMP, GOOD)
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) == 2, (name, ok.text)
+    # Nothing was queued for a bad request: only the good ones reached the engine.
+    assert srv.metrics()["routereplay_requests_total"] - before == len(BAD)
+    with pytest.raises(NotFoundError) as e:
+        srv.client().completions.create(model="other", prompt="hi")
+    assert e.value.param == "model"
+
+
+def test_routing_asked_while_capture_is_off(servers: dict) -> None:
+    c = servers["plain"].client()
+    with pytest.raises(BadRequestError) as e:
+        complete(c)  # asks for return_routed_experts
+    assert e.value.param == "return_routed_experts" and "disabled" in e.value.message
+    ch = c.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body={"ignore_eos": True}).choices[0]
+    assert len(ch.token_ids) == 3
+    assert getattr(ch, "routed_experts", None) is None and getattr(ch, "routing_key", None) is None
+
+
+# ---- store keys from clients -------------------------------------------------------------------------
+EVIL_KEYS = ["..", ".", "../escape", "../../etc/rr_escape", "/tmp/rr_abs_escape", "a/../../b", "./.hidden",
+             "..\\..\\win", "%2e%2e%2fx", "~", "../" * 80 + "deep", "ü/../ß", " ", "x/" * 10]
+
+
+def test_store_keys_cannot_escape_the_store_dir(srv: Server) -> None:
+    c = srv.client()
+    for key in EVIL_KEYS:
+        ch = complete(c, rollout_id=key).choices[0]
+        assert ch.routing_key == key and ch.routing_error is None, key
+        np.testing.assert_array_equal(LocalStore(srv.store_dir).get(key), decode(ch.routed_experts))
+    ch = c.completions.create(model=MODEL, prompt=[5, 6], max_tokens=2, user="../user-escape").choices[0]
+    assert ch.routing_key == "../user-escape"  # the OpenAI user field is the key when rollout_id is absent
+    for field, value in [("rollout_id", "a\x00b"), ("user", "../\x00"), ("rollout_id", "\ud800")]:
+        r = srv.post(CMP, content=json.dumps({**GOOD, field: value}).encode())
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    assert len(complete(c, rollout_id="fine").choices[0].token_ids) == 4  # the engine was not wedged
+    root = os.path.realpath(srv.store_dir)
+    for dirpath, _dirs, files in os.walk(srv.base):
+        for f in files:
+            real = os.path.realpath(os.path.join(dirpath, f))
+            assert real.startswith(root + os.sep) or real == os.path.realpath(srv.log_path), real
+    assert not os.path.exists("/tmp/rr_abs_escape.npy") and not os.path.exists("/etc/rr_escape.npy")
+    assert sorted(os.listdir(srv.base)) == ["server.log", "store"]
