@@ -124,11 +124,20 @@ def open(url: str | os.PathLike[str]) -> RoutingStore:
             raise ValueError(f"file:// store URL has no path: {url!r}")
         return LocalStore(unquote(parts.path))
     if scheme in ("redis", "rediss"):
+        from .redis_store import RedisStore  # redis-py is imported only when a Redis store is used
+
         return RedisStore(url)
     raise ValueError(f"unknown routing store scheme {scheme!r} in {url!r} (use a path, file://, redis://)")
 
 
 # Backends import RoutingStore from this module, so they are imported after it is defined.
 from .local import LocalStore  # noqa: E402
-from .redis_store import RedisStore  # noqa: E402
 from .writer import StoreWriter  # noqa: E402
+
+
+def __getattr__(name: str):
+    if name == "RedisStore":
+        from .redis_store import RedisStore
+
+        return RedisStore
+    raise AttributeError(name)
