@@ -29,111 +29,31 @@ _COMMON = dict(
 )
 
 
+_MOE = dict(intermediate_size=48, moe_intermediate_size=16, num_experts_per_tok=2)
+_GROUPED = dict(_MOE, num_hidden_layers=3, n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1,
+                n_shared_experts=1, routed_scaling_factor=2.5)
+# One tiny config per family; each mixes dense and MoE layers where the family allows it.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(_COMMON, **_MOE, num_hidden_layers=4, num_experts=8, decoder_sparse_step=2, norm_topk_prob=True),
+    "qwen2_moe": dict(_COMMON, **_MOE, shared_expert_intermediate_size=16, num_hidden_layers=2, num_experts=8,
+                      norm_topk_prob=False),
+    "olmoe": dict(_COMMON, intermediate_size=16, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                  norm_topk_prob=True),
+    "mixtral": dict(_COMMON, intermediate_size=16, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2),
+    # moe_norm_min above a top-2 probability mass, so the clamp is exercised.
+    "ernie4_5_moe": dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                         moe_num_experts=8, moe_k=2, moe_layer_start_index=1, moe_num_shared_experts=1,
+                         moe_norm_min=0.9),
+    "glm4_moe": dict(_COMMON, **_GROUPED, norm_topk_prob=True),
+    "deepseek_v3": dict(_COMMON, **_GROUPED, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    "gpt_oss": dict(_COMMON, intermediate_size=16, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
+                    layer_types=["full_attention", "sliding_attention"]),
+}
+
+
 def _config(family: str, **overrides: object) -> transformers.PretrainedConfig:
-    if family == "qwen3_moe":
-        kwargs = dict(
-            _COMMON,
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            num_hidden_layers=4,
-            num_experts=8,
-            num_experts_per_tok=2,
-            decoder_sparse_step=2,
-            norm_topk_prob=True,
-        )
-        return transformers.Qwen3MoeConfig(**{**kwargs, **overrides})
-    if family == "qwen2_moe":
-        kwargs = dict(
-            _COMMON,
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=16,
-            num_hidden_layers=2,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=False,
-        )
-        return transformers.Qwen2MoeConfig(**{**kwargs, **overrides})
-    if family == "olmoe":
-        kwargs = dict(
-            _COMMON,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-        )
-        return transformers.OlmoeConfig(**{**kwargs, **overrides})
-    if family == "mixtral":
-        kwargs = dict(
-            _COMMON, intermediate_size=16, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2
-        )
-        return transformers.MixtralConfig(**{**kwargs, **overrides})
-    if family == "ernie4_5_moe":
-        # moe_norm_min above a top-2 probability mass, so the clamp is exercised.
-        kwargs = dict(
-            _COMMON,
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            num_hidden_layers=3,
-            moe_num_experts=8,
-            moe_k=2,
-            moe_layer_start_index=1,
-            moe_num_shared_experts=1,
-            moe_norm_min=0.9,
-        )
-        return transformers.Ernie4_5_MoeConfig(**{**kwargs, **overrides})
-    if family == "glm4_moe":
-        kwargs = dict(
-            _COMMON,
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            num_hidden_layers=3,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            n_group=2,
-            topk_group=1,
-            first_k_dense_replace=1,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-        )
-        return transformers.Glm4MoeConfig(**{**kwargs, **overrides})
-    if family == "deepseek_v3":
-        kwargs = dict(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=64,
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            num_hidden_layers=3,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            n_group=2,
-            topk_group=1,
-            first_k_dense_replace=1,
-            n_shared_experts=1,
-            routed_scaling_factor=2.5,
-            kv_lora_rank=16,
-            q_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-        )
-        return transformers.DeepseekV3Config(**{**kwargs, **overrides})
-    if family == "gpt_oss":
-        kwargs = dict(
-            _COMMON,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            layer_types=["full_attention", "sliding_attention"],
-        )
-        return transformers.GptOssConfig(**{**kwargs, **overrides})
-    raise AssertionError(family)
+    return transformers.AutoConfig.for_model(family, **{**FAMILY_CONFIGS[family], **overrides})
 
 
 EXPECTED_MOE_LAYERS = {
