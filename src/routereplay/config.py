@@ -166,6 +166,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit KV pool size (tests force preemption with a tiny pool)
     enforce_eager: bool = False  # True: no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights, only config.json is read (benchmarks)
+    tensor_parallel_size: int = 1  # ranks on one host (one GPU each; gloo processes on CPU)
     seed: int = 0
     routing_replay: RoutingReplayConfig = field(default_factory=RoutingReplayConfig)
     model_config: ModelConfig = field(init=False)
@@ -189,6 +190,25 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         self.model_config = ModelConfig.from_dir(self.model)
         self.max_model_len = min(self.max_model_len, self.model_config.max_position_embeddings)
+        self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        tp, c = self.tensor_parallel_size, self.model_config.hf_config
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        if tp == 1:
+            return
+        if self.device.startswith("cuda") and tp > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs, found {torch.cuda.device_count()}")
+        sizes = {"num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+                 "intermediate_size": getattr(c, "intermediate_size", 0),
+                 "moe_intermediate_size": getattr(c, "moe_intermediate_size", 0) or 0}
+        fam = self.model_config.family
+        if fam.shared:
+            sizes["shared expert intermediate size"] = fam.shared_intermediate(c)
+        for name, n in sizes.items():
+            if n % tp:
+                raise ValueError(f"{name} ({n}) is not divisible by tensor_parallel_size ({tp})")
 
     @property
     def torch_dtype(self) -> torch.dtype:

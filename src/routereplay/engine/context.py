@@ -21,6 +21,10 @@ class Context:
     is_decode: bool = False  # every sequence contributes exactly one token
     routing_cache: torch.Tensor | None = None  # [num_slots + 1, L_moe, K]; last row absorbs padding
     routing_debug: bool = False  # write absolute positions instead of expert ids
+    # Filled by the model at the start of its forward (from `positions`), read by every attention layer:
+    # rotary cos/sin [N, rotary_dim] (Rotary.cos_sin), computed once per step instead of once per layer.
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
 
 
 _CONTEXT = Context()

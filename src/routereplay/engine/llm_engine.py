@@ -16,6 +16,8 @@ from routereplay.config import EngineConfig
 from routereplay.engine.model_runner import ModelRunner
 from routereplay.engine.scheduler import Scheduler
 from routereplay.engine.sequence import Sequence
+from routereplay.engine.workers import Workers
+from routereplay.layers.parallel import TP
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.sampling_params import SamplingParams
 
@@ -38,7 +40,15 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config = config.model_config
-        self.runner = ModelRunner(config)
+        TP.rank, TP.size = 0, 1
+        workers = Workers(config) if config.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, rank=0)
+        except BaseException:
+            if workers is not None:
+                workers.close(graceful=False)
+            raise
+        self.runner.workers = workers
         self.scheduler = Scheduler(config, self.runner.num_blocks)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -201,3 +211,6 @@ class LLMEngine:
     def close(self) -> None:
         if self.store_writer is not None:
             self.store_writer.close()
+        if self.runner.workers is not None:
+            self.runner.workers.close()
+            self.runner.workers = None

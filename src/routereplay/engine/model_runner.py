@@ -4,13 +4,16 @@ tensors, runs the forward (eagerly or by replaying a captured CUDA graph) and sa
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from routereplay.config import EngineConfig
 from routereplay.engine.context import Context, reset_context, set_context
 from routereplay.engine.sequence import Sequence
+from routereplay.layers.parallel import TP
 from routereplay.layers.sampler import sample
 from routereplay.models.loader import load_checkpoint, update_weights
 from routereplay.models.transformer import MoECausalLM
@@ -18,11 +21,27 @@ from routereplay.models.transformer import MoECausalLM
 CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """Host-side description of one step: what rank 0 sends to the other tensor-parallel ranks."""
+
+    ids: list[int]
+    pos: list[int]
+    slots: list[int]
+    cu: list[int]
+    ctx_lens: list[int]
+    tables: list[list[int]]
+    max_q: int
+    is_decode: bool
+    sample_rows: list[int]
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config = config
         mc = config.model_config
-        self.device = torch.device(config.device)
+        self.rank = rank
+        self.device = torch.device(f"cuda:{rank}" if config.device.startswith("cuda") else config.device)
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         default_dtype = torch.get_default_dtype()
@@ -38,7 +57,12 @@ class ModelRunner:
             load_checkpoint(self.model, mc.model_dir)
         self.model.eval()
         self.num_blocks = self._plan_num_blocks()
+        if TP.size > 1:  # every rank must hold the same pool: take the smallest
+            n = torch.tensor([self.num_blocks], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            self.num_blocks = int(n.item())
         self._allocate_caches()
+        self.workers = None  # the other tensor-parallel ranks (engine.workers.Workers), set by the engine
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_capture_seconds = 0.0
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -59,9 +83,9 @@ class ModelRunner:
     # ---- memory ---------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
         mc, c = self.config.model_config, self.config
-        kv = 2 * mc.num_layers * c.block_size * mc.num_kv_heads * mc.head_dim * c.torch_dtype.itemsize
+        kv = 2 * mc.num_layers * c.block_size * (mc.num_kv_heads // TP.size) * mc.head_dim * c.torch_dtype.itemsize
         routing = 0
-        if c.routing_replay.enable:
+        if c.routing_replay.enable and self.rank == 0:
             routing = c.block_size * mc.num_moe_layers * mc.top_k * c.cache_dtype.itemsize
         return kv + routing
 
@@ -97,12 +121,12 @@ class ModelRunner:
 
     def _allocate_caches(self) -> None:
         mc, c = self.config.model_config, self.config
-        shape = (2, mc.num_layers, self.num_blocks, c.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (2, mc.num_layers, self.num_blocks, c.block_size, mc.num_kv_heads // TP.size, mc.head_dim)
         self.kv_cache = torch.empty(shape, dtype=c.torch_dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.routing_cache = None
-        if c.routing_replay.enable:
+        if c.routing_replay.enable and self.rank == 0:  # every rank routes identically; rank 0 records
             # One row per KV slot plus a scratch row at the end for padding slots (-1).
             rows = self.num_blocks * c.block_size + 1
             self.routing_cache = torch.zeros(
@@ -122,40 +146,56 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list[float]]:
-        """Forward the batch; sample for every sequence whose last token was forwarded."""
-        ids, pos, slots, cu, ctx_lens, tables, sample_rows, to_sample = [], [], [], [0], [], [], [], []
+    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
+        """The step's token layout; sequences whose last token is forwarded get sampled."""
+        inp = StepInputs([], [], [], [0], [], [], max(n for _, n in batch), False, [])
+        to_sample = []
         for seq, n in batch:
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start : start + n]
-            pos += range(start, start + n)
-            slots += self._slots(seq, start, start + n)
-            cu.append(cu[-1] + n)
-            ctx_lens.append(start + n)
-            tables.append(seq.block_table)
+            inp.ids += seq.token_ids[start : start + n]
+            inp.pos += range(start, start + n)
+            inp.slots += self._slots(seq, start, start + n)
+            inp.cu.append(inp.cu[-1] + n)
+            inp.ctx_lens.append(start + n)
+            inp.tables.append(seq.block_table)
             if start + n == len(seq):
-                sample_rows.append(cu[-1] - 1)
+                inp.sample_rows.append(inp.cu[-1] - 1)
                 to_sample.append(seq)
-        is_decode = cu[-1] == len(batch)
+        inp.is_decode = inp.cu[-1] == len(batch)
+        return inp, to_sample
+
+    @torch.inference_mode()
+    def execute(self, inp: StepInputs) -> torch.Tensor | None:
+        """Forward the step on this rank; logits [sampled rows, vocab] (gathered over ranks) or None."""
         dev = self.device
-        if is_decode and self.graphs and len(batch) <= self.graph_sizes[-1]:
-            hidden = self._replay(ids, pos, slots, ctx_lens, tables)
+        if inp.is_decode and self.graphs and len(inp.ids) <= self.graph_sizes[-1]:
+            hidden = self._replay(inp.ids, inp.pos, inp.slots, inp.ctx_lens, inp.tables)
         else:
-            width = max(len(t) for t in tables)
-            table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            width = max(len(t) for t in inp.tables)
+            table_t = torch.tensor([t + [0] * (width - len(t)) for t in inp.tables], dtype=torch.int32)
             set_context(self._context(
-                torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
-                torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-                torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
-                torch.tensor(ctx_lens, dtype=torch.int32).to(dev, non_blocking=True),
-                table_t.to(dev, non_blocking=True), max(n for _, n in batch), is_decode,
+                torch.tensor(inp.pos, dtype=torch.long).to(dev, non_blocking=True),
+                torch.tensor(inp.slots, dtype=torch.long).to(dev, non_blocking=True),
+                torch.tensor(inp.cu, dtype=torch.int32).to(dev, non_blocking=True),
+                torch.tensor(inp.ctx_lens, dtype=torch.int32).to(dev, non_blocking=True),
+                table_t.to(dev, non_blocking=True), inp.max_q, inp.is_decode,
             ))
-            hidden = self.model(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True))
+            hidden = self.model(torch.tensor(inp.ids, dtype=torch.long).to(dev, non_blocking=True))
             reset_context()
+        if not inp.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(inp.sample_rows, device=dev)])
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list[float]]:
+        """Forward the batch (on every rank); sample for every sequence whose last token was forwarded."""
+        inp, to_sample = self.prepare(batch)
+        if self.workers is not None:
+            self.workers.send(("run", inp))
+        logits = self.execute(inp)
         if not to_sample:
             return [], [], []
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        dev = self.device
         p = [s.params for s in to_sample]
         tokens, logprobs = sample(
             logits,
@@ -230,4 +270,7 @@ class ModelRunner:
         return host, event
 
     def update_weights(self, named_tensors) -> int:
-        return update_weights(self.model, named_tensors)
+        items = list(named_tensors)
+        if self.workers is not None:
+            self.workers.send(("update_weights", [(n, t.detach().cpu()) for n, t in items]))
+        return update_weights(self.model, items)

@@ -6,7 +6,9 @@ from torch import nn
 
 from routereplay import kernels
 from routereplay.engine.context import get_context
+from routereplay.kernels.fused import qk_norm_rope
 from routereplay.layers.norm import RMSNorm
+from routereplay.layers.parallel import TP, ColumnParallelLinear, RowParallelLinear
 from routereplay.layers.rotary import Rotary
 
 
@@ -14,14 +16,15 @@ class Attention(nn.Module):
     def __init__(self, hf_config, *, qkv_bias: bool, o_bias: bool, qk_norm: bool, interleaved_rope: bool):
         super().__init__()
         c = hf_config
-        self.num_heads = c.num_attention_heads
-        self.num_kv_heads = c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=o_bias)
+        q_out, kv_out = c.num_attention_heads * self.head_dim, c.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(c.hidden_size, q_out, bias=qkv_bias)
+        self.k_proj = ColumnParallelLinear(c.hidden_size, kv_out, bias=qkv_bias)
+        self.v_proj = ColumnParallelLinear(c.hidden_size, kv_out, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(q_out, c.hidden_size, bias=o_bias)
+        self.num_heads = c.num_attention_heads // TP.size  # this rank's heads
+        self.num_kv_heads = c.num_key_value_heads // TP.size
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
@@ -36,9 +39,15 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(ctx.positions, q, k)
+        cos, sin = ctx.rope_cos, ctx.rope_sin
+        rot = self.rotary
+        if cos is None or cos.dtype != rot.cos_sin_dtype(q.dtype) or cos.shape != (n, rot.rotary_dim):
+            cos, sin = rot.cos_sin(ctx.positions, q.dtype)  # no cached table (or one for another dtype)
+        if self.qk_norm:  # one kernel on CUDA: q/k RMSNorm + rotary
+            q, k = qk_norm_rope(q, k, cos, sin, rot.rotary_dim, rot.interleaved,
+                                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        else:
+            q, k = qk_norm_rope(q, k, cos, sin, rot.rotary_dim, rot.interleaved)
         if self.k_cache.numel() == 0:
             o = self._causal_no_cache(q, k, v, ctx)
         else:

@@ -12,6 +12,7 @@ from torch import nn
 from routereplay import kernels
 from routereplay.engine.context import get_context
 from routereplay.layers.mlp import MLP
+from routereplay.layers.parallel import TP, all_reduce
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -81,15 +82,19 @@ class GroupedSigmoidRouter(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stored fused like transformers' runtime layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    """Routed experts stored fused like transformers' runtime layout: gate_up_proj [E, 2I, H], down_proj [E, H, I].
+
+    Under tensor parallelism each rank holds every expert's slice I/tp of the intermediate dimension.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        inter = intermediate_size // TP.size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, inter))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights)
+        return all_reduce(kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights))
 
 
 def record_routing(moe_index: int, ids: torch.Tensor) -> None:

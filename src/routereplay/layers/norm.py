@@ -1,7 +1,12 @@
-"""RMSNorm, computed the way transformers does (fp32 statistics, cast back before the weight)."""
+"""RMSNorm, computed the way transformers does (fp32 statistics, cast back before the weight).
+
+On CUDA one Triton kernel per call (``kernels.fused``); ``forward_add`` also fuses the residual add.
+"""
 
 import torch
 from torch import nn
+
+from routereplay.kernels.fused import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -11,7 +16,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def forward_add(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = residual + delta``; returns ``(h, self(h))``."""
+        return add_rms_norm(residual, delta, self.weight, self.eps)

@@ -1,7 +1,13 @@
-"""Rotary position embedding: full or partial (GLM), half-split or interleaved pairs (ERNIE)."""
+"""Rotary position embedding: full or partial (GLM), half-split or interleaved pairs (ERNIE).
+
+cos/sin depend only on the positions, so the model computes them once per forward (``Rotary.cos_sin``, stored
+in the forward context by ``Backbone.forward``) and every layer only rotates.
+"""
 
 import torch
 from torch import nn
+
+from routereplay.kernels.fused import rope_ref
 
 
 def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float, int]:
@@ -20,7 +26,7 @@ def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float, int]:
 
 
 class Rotary(nn.Module):
-    """cos/sin are computed per call from the positions (cheap, exact, no table size limit)."""
+    """cos/sin are computed from the positions (cheap, exact, no table size limit)."""
 
     def __init__(self, hf_config, head_dim: int, interleaved: bool) -> None:
         super().__init__()
@@ -28,27 +34,22 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv, persistent=False)
         self.interleaved = interleaved
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [N, Hq, D], k: [N, Hk, D], positions: [N]."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[N, rotary_dim]`` for q/k of ``dtype``: in that dtype (half-split) or fp32 (interleaved)."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         if self.interleaved:
             # ERNIE rotates (x0, x1), (x2, x3), ... pairs in fp32.
-            cos = (freqs.cos() * self.scaling).repeat_interleave(2, -1)[:, None]
-            sin = (freqs.sin() * self.scaling).repeat_interleave(2, -1)[:, None]
-            return _rot_interleaved(q, cos, sin), _rot_interleaved(k, cos, sin)
+            cos = (freqs.cos() * self.scaling).repeat_interleave(2, -1)
+            sin = (freqs.sin() * self.scaling).repeat_interleave(2, -1)
+            return cos, sin
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling).to(q.dtype)[:, None]
-        sin = (emb.sin() * self.scaling).to(q.dtype)[:, None]
-        return _rot_half(q, cos, sin, self.rotary_dim), _rot_half(k, cos, sin, self.rotary_dim)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
+    def cos_sin_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if self.interleaved else dtype
 
-def _rot_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
-    rot, rest = x[..., :dim], x[..., dim:]
-    x1, x2 = rot[..., : dim // 2], rot[..., dim // 2 :]
-    out = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
-
-
-def _rot_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    pairs = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-    return (x.float() * cos + pairs.float() * sin).to(x.dtype)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [N, Hq, D], k: [N, Hk, D], positions: [N] (reference path; layers use cached cos/sin)."""
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return (rope_ref(q, cos, sin, self.rotary_dim, self.interleaved),
+                rope_ref(k, cos, sin, self.rotary_dim, self.interleaved))

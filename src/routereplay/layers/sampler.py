@@ -7,24 +7,9 @@ preemption and recompute, and inside or outside a CUDA graph.
 
 import torch
 
-_M1 = 0xFF51AFD7ED558CCD - (1 << 64)  # splitmix / murmur3 finaliser constants as signed int64
-_M2 = 0xC4CEB9FE1A85EC53 - (1 << 64)
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+from routereplay.kernels.fused import counter_uniform, gumbel_sample
 
-
-def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def counter_uniform(seed: torch.Tensor, position: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[S, vocab] uniform (0, 1) noise from (seed [S], position [S]), int64 arithmetic that wraps."""
-    x = seed[:, None] * _GOLDEN + position[:, None] * _M2
-    x = x + torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :] * _M1
-    x = (x ^ _srl(x, 33)) * _M1
-    x = (x ^ _srl(x, 33)) * _M2
-    x = x ^ _srl(x, 33)
-    return (_srl(x, 40).float() + 0.5) * (1.0 / (1 << 24))
+__all__ = ["counter_uniform", "sample"]
 
 
 def _truncated_log_softmax(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -47,10 +32,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     temperature 0 = greedy; top_k <= 0 or >= V = off; top_p 1 = off. `truncate=False` (the caller
     knows no row uses top-k / top-p) skips the vocabulary sort.
     """
+    if not truncate:  # one streaming kernel on CUDA (counter noise + Gumbel-max + log-softmax)
+        return gumbel_sample(logits, temperature, seed, position)
     greedy = temperature == 0
     logp_plain = torch.log_softmax(logits, dim=-1)
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    logp = _truncated_log_softmax(scaled, top_k, top_p) if truncate else torch.log_softmax(scaled, dim=-1)
+    logp = _truncated_log_softmax(scaled, top_k, top_p)
     vocab = logits.shape[-1]
     gumbel = -torch.log(-torch.log(counter_uniform(seed, position, vocab)))
     sampled = torch.argmax(logp + gumbel, dim=-1)

@@ -1,8 +1,9 @@
 """Weight loading from a Hugging Face checkpoint directory, and in-place weight sync.
 
 Names are translated to our (= transformers runtime) parameter names; per-expert checkpoint tensors
-are placed into the fused expert tensors. Every name and shape is checked against the model BEFORE
-any parameter is written, so a bad checkpoint or a bad sync leaves the model untouched.
+are placed into the fused expert tensors; under tensor parallelism each rank copies only its slice.
+Every name and shape is checked against the model BEFORE any parameter is written, so a bad
+checkpoint or a bad sync leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from routereplay.layers.parallel import TP, shard_range
+
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
@@ -23,8 +26,8 @@ def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))  # parameters and persistent buffers, tied names included
 
 
-def translate(model: nn.Module, name: str) -> tuple[str, tuple[int, int, int] | None]:
-    """Checkpoint or runtime name -> (runtime name, (expert, row offset, rows) or None)."""
+def translate(model: nn.Module, name: str) -> tuple[str, tuple[int, str] | None]:
+    """Checkpoint or runtime name -> (runtime name, (expert, "gate" | "up" | "down") or None)."""
     family = model.family
     for pattern, repl in family.renames_compiled:
         name = pattern.sub(repl, name)
@@ -33,20 +36,48 @@ def translate(model: nn.Module, name: str) -> tuple[str, tuple[int, int, int] | 
         return name, None
     prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
     gate, up, down = family.expert_names
-    if part == down:
-        return f"{prefix}.down_proj", (expert, 0, -1)
-    if part in (gate, up):
-        inter = model.get_parameter(f"{prefix}.gate_up_proj").shape[1] // 2
-        return f"{prefix}.gate_up_proj", (expert, 0 if part == gate else inter, inter)
-    return name, None
+    parts = {gate: "gate", up: "up", down: "down"}
+    if part not in parts:
+        return name, None
+    return f"{prefix}.{'down_proj' if part == down else 'gate_up_proj'}", (expert, parts[part])
 
 
-def _expected_shape(target: torch.Tensor, shard) -> tuple[int, ...]:
+def _full_shape(name: str, target: torch.Tensor, shard) -> tuple[int, ...]:
+    """The shape the source tensor must have: the unsharded (all ranks) shape of what it fills."""
+    shape = list(target.shape)
+    if name.endswith("experts.gate_up_proj"):
+        shape[1] *= TP.size
+    elif name.endswith("experts.down_proj"):
+        shape[2] *= TP.size
+    elif getattr(target, "tp_dim", None) is not None:
+        shape[target.tp_dim] *= TP.size
     if shard is None:
-        return tuple(target.shape)
-    _, _, rows = shard
-    sub = target[0]
-    return tuple(sub.shape) if rows == -1 else (rows, *sub.shape[1:])
+        return tuple(shape)
+    _, part = shard
+    return tuple(shape[1:]) if part == "down" else (shape[1] // 2, *shape[2:])
+
+
+def _local(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(destination view in the parameter, this rank's slice of the source tensor)."""
+    if name.endswith("experts.gate_up_proj"):
+        inter = target.shape[1] // 2  # local rows of gate (and of up)
+        s, e = shard_range(inter * TP.size)
+        if shard is None:  # fused runtime tensor [E, 2I, H] from a trainer
+            full = tensor.shape[1] // 2
+            return target, torch.cat((tensor[:, s:e], tensor[:, full + s : full + e]), dim=1)
+        expert, part = shard
+        rows = slice(0, inter) if part == "gate" else slice(inter, 2 * inter)
+        return target[expert, rows], tensor[s:e]
+    if name.endswith("experts.down_proj"):
+        s, e = shard_range(target.shape[2] * TP.size)
+        if shard is None:
+            return target, tensor[:, :, s:e]
+        return target[shard[0]], tensor[:, s:e]
+    dim = getattr(target, "tp_dim", None)
+    if dim is None or TP.size == 1:
+        return target, tensor
+    s, e = shard_range(target.shape[dim] * TP.size)
+    return target, tensor.narrow(dim, s, e - s)
 
 
 def _check(model, items: Iterable[tuple[str, tuple[int, ...]]], where: str, strict: bool):
@@ -62,39 +93,38 @@ def _check(model, items: Iterable[tuple[str, tuple[int, ...]]], where: str, stri
             continue  # tied to the embedding, which is loaded under its own name
         if name not in targets:
             raise ValueError(f"unexpected tensor {src!r} in {where} (no such parameter in {model.family.model_type})")
-        expected = _expected_shape(targets[name], shard)
+        expected = _full_shape(name, targets[name], shard)
         if tuple(shape) != expected:
             raise ValueError(f"shape mismatch for {src!r} in {where}: expected {list(expected)}, found {list(shape)}")
         plan.append((src, name, shard))
-        covered.add((name, shard[0] if shard else None, shard[1] if shard else None))
+        if shard is None and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+            covered.update((name, e, p) for e in range(targets[name].shape[0]) for p in parts)
+        else:
+            covered.add((name, *(shard or (None, None))))
     if strict:
         missing = []
         for name, t in targets.items():
             if name == "lm_head.weight" and hf_config.tie_word_embeddings:
                 continue
-            if name.endswith("gate_up_proj"):
-                inter = t.shape[1] // 2
-                need = [(name, e, off) for e in range(t.shape[0]) for off in (0, inter)]
+            if name.endswith("experts.gate_up_proj"):
+                need = [(name, e, p) for e in range(t.shape[0]) for p in ("gate", "up")]
             elif name.endswith("experts.down_proj"):
-                need = [(name, e, 0) for e in range(t.shape[0])]
+                need = [(name, e, "down") for e in range(t.shape[0])]
             else:
                 need = [(name, None, None)]
             missing += [n for n in need if n not in covered]
         if missing:
-            name, e, off = missing[0]
-            what = name if e is None else f"{name} (expert {e}{', up' if off else ''})"
+            name, e, part = missing[0]
+            what = name if e is None else f"{name} (expert {e}, {part})"
             raise ValueError(f"tensor missing from {where}: {what} ({len(missing)} missing in all)")
     return plan
 
 
 @torch.no_grad()
-def _copy(target: torch.Tensor, shard, tensor: torch.Tensor) -> None:
-    if shard is None:
-        target.copy_(tensor)
-        return
-    e, off, rows = shard
-    dst = target[e] if rows == -1 else target[e, off : off + rows]
-    dst.copy_(tensor)
+def _copy(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> None:
+    dst, src = _local(name, target, shard, tensor)
+    dst.copy_(src)
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
@@ -127,7 +157,7 @@ def load_checkpoint(model: nn.Module, model_dir: str) -> None:
     for path, entries in by_file.items():
         with safe_open(path, "pt") as f:
             for src, name, shard in entries:
-                _copy(targets[name], shard, f.get_tensor(src))
+                _copy(name, targets[name], shard, f.get_tensor(src))
 
 
 def update_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -140,5 +170,5 @@ def update_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Te
     tensors = dict(items)
     targets = _targets(model)
     for src, name, shard in plan:
-        _copy(targets[name], shard, tensors[src])
+        _copy(name, targets[name], shard, tensors[src])
     return len(plan)

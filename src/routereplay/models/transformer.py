@@ -7,10 +7,12 @@ down_proj), so a trainer's `named_parameters()` can be synced in without transla
 import torch
 from torch import nn
 
+from routereplay.engine.context import get_context
 from routereplay.layers.attention import Attention
 from routereplay.layers.mlp import MLP
 from routereplay.layers.moe import Experts, SparseMoE
 from routereplay.layers.norm import RMSNorm
+from routereplay.layers.parallel import ColumnParallelLinear, VocabParallelEmbedding, gather_last_dim
 from routereplay.models.family import Family
 
 
@@ -39,15 +41,25 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream carried unadded (vLLM style), so each add fuses with the norm after it.
+
+        ``residual + h`` is the hidden state entering this layer (``residual`` None: ``h`` is, the first
+        layer). Returns ``(mlp output, residual)``, whose sum is the layer's output. The adds happen in the
+        same order as ``h = h + attn(norm(h)); h = h + mlp(norm(h))``, so results are bit-identical.
+        """
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            residual, x = self.input_layernorm.forward_add(residual, h)
+        residual, x = self.post_attention_layernorm.forward_add(residual, self.self_attn(x))
+        return self.mlp(x), residual
 
 
 class Backbone(nn.Module):
     def __init__(self, family: Family, c, moe_layer_ids: list[int]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size)
         moe_index = {layer: j for j, layer in enumerate(moe_layer_ids)}
         self.layers = nn.ModuleList(
             DecoderLayer(family, c, i, moe_index.get(i)) for i in range(c.num_hidden_layers)
@@ -56,9 +68,13 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        ctx = get_context()
+        if ctx.positions is not None:  # rotary cos/sin once per forward; every layer reads them
+            ctx.rope_cos, ctx.rope_sin = self.layers[0].self_attn.rotary.cos_sin(ctx.positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h)
-        return self.norm(h)
+            h, residual = layer(h, residual)
+        return self.norm(h) if residual is None else self.norm.forward_add(residual, h)[1]
 
 
 class MoECausalLM(nn.Module):
@@ -72,7 +88,11 @@ class MoECausalLM(nn.Module):
         self.family = family
         self.hf_config = hf_config
         self.model = Backbone(family, hf_config, moe_layer_ids)
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        # Vocab-parallel when the embedding is (its rows and the head's rows are the same split).
+        if self.model.embed_tokens.sharded:
+            self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size)
+        else:
+            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -80,4 +100,5 @@ class MoECausalLM(nn.Module):
         return self.model(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        return gather_last_dim(logits) if self.model.embed_tokens.sharded else logits

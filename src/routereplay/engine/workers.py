@@ -1,0 +1,93 @@
+"""Tensor-parallel ranks 1..N-1: one process each, driven by rank 0 (the engine's process).
+
+Rank 0 schedules, samples and records routing; every step it broadcasts the step's host-side
+inputs (`StepInputs`) on a gloo control group, and all ranks run the same forward, whose
+all-reduces go over NCCL on GPUs (gloo on CPU). The processes are daemons: they cannot outlive the
+engine's process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import fields
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from routereplay.config import EngineConfig
+from routereplay.layers.parallel import TP
+from routereplay.models.loader import update_weights
+
+_TIMEOUT = timedelta(seconds=300)
+
+
+def _init(rank: int, size: int, port: int, cuda: bool):
+    TP.rank, TP.size = rank, size
+    if cuda:
+        torch.cuda.set_device(rank)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (see the device notes)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=size, timeout=_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=_TIMEOUT)
+
+
+def _worker_main(kwargs: dict, rank: int, size: int, port: int) -> None:
+    from routereplay.engine.model_runner import ModelRunner
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // size))
+    config = EngineConfig(**kwargs)
+    ctrl = _init(rank, size, port, config.device.startswith("cuda"))
+    runner = ModelRunner(config, rank)
+    while True:
+        msg = [None]
+        dist.broadcast_object_list(msg, src=0, group=ctrl)
+        command, payload = msg[0]
+        if command == "run":
+            runner.execute(payload)
+        elif command == "update_weights":
+            update_weights(runner.model, payload)
+        else:
+            break
+    dist.destroy_process_group()
+
+
+class Workers:
+    """Starts ranks 1..N-1 and joins the process group as rank 0 (call before building rank 0's runner)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        size = config.tensor_parallel_size
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        kwargs = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_worker_main, args=(kwargs, r, size, port), daemon=True)
+                      for r in range(1, size)]
+        for p in self.procs:
+            p.start()
+        try:
+            self.ctrl = _init(0, size, port, config.device.startswith("cuda"))
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def send(self, msg: tuple) -> None:
+        dist.broadcast_object_list([msg], src=0, group=self.ctrl)
+
+    def close(self, graceful: bool = True) -> None:
+        if graceful and dist.is_initialized():
+            try:
+                self.send(("exit", None))
+            except Exception:
+                graceful = False
+        for p in self.procs:
+            p.join(timeout=30 if graceful else 0)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        TP.rank, TP.size = 0, 1

@@ -1,0 +1,95 @@
+"""Tensor parallelism (Megatron style) for one host: which slice of a weight this rank holds, and
+the two collectives a layer needs. With one rank every function is the identity and no
+torch.distributed call is made.
+
+Sharding, per layer:
+- attention: q/k/v column-parallel by heads (each rank: heads/tp query heads, kv_heads/tp kv heads,
+  and the matching KV cache), o_proj row-parallel, then all-reduce;
+- dense MLP and shared experts: gate/up column-parallel, down row-parallel, then all-reduce;
+- routed experts: the intermediate dimension is split (every rank holds every expert, 1/tp of each),
+  then all-reduce. The router weight is replicated and its input is identical on every rank after
+  the preceding all-reduce, so every rank selects the same experts; rank 0 records them;
+- embedding vocab-parallel (rows outside the rank's range give zeros, then all-reduce), LM head
+  column-parallel by vocab, logits gathered to every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(slots=True)
+class TPState:
+    rank: int = 0
+    size: int = 1
+
+
+TP = TPState()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if TP.size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def shard_range(full: int) -> tuple[int, int]:
+    """[start, end) of this rank's slice of a dimension of size `full`."""
+    part = full // TP.size
+    return TP.rank * part, (TP.rank + 1) * part
+
+
+def mark(param: nn.Parameter, dim: int | None) -> nn.Parameter:
+    """Record along which dimension the checkpoint tensor is split across ranks (None: replicated)."""
+    param.tp_dim = dim
+    return param
+
+
+class ColumnParallelLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features // TP.size, bias=bias)
+        mark(self.weight, 0)
+        if bias:
+            mark(self.bias, 0)
+
+
+class RowParallelLinear(nn.Linear):
+    """Partial products summed across ranks; the bias is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features // TP.size, out_features, bias=bias)
+        mark(self.weight, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__(vocab // TP.size if vocab % TP.size == 0 else vocab, dim)
+        self.sharded = TP.size > 1 and vocab % TP.size == 0
+        mark(self.weight, 0 if self.sharded else None)
+        self.start = shard_range(vocab)[0] if self.sharded else 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return super().forward(ids)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.num_embeddings)
+        out = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight) * inside[:, None]
+        return all_reduce(out)
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate each rank's slice of the last dimension (vocab-parallel logits)."""
+    if TP.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(TP.size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)

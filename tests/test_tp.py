@@ -1,0 +1,71 @@
+"""Tensor parallelism: the sharding math on CPU with gloo and 2 processes, against TP=1."""
+
+import multiprocessing
+
+import numpy as np
+import pytest
+import torch
+
+from routereplay import LLM, SamplingParams
+from tests.helpers import tiny_checkpoint
+from tests.test_engine import prompts
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tp_ckpts"))
+
+
+def _run(model_dir, tp, ps, sp, update=None):
+    llm = LLM(model_dir, max_model_len=256, block_size=8, tensor_parallel_size=tp, routing_replay={"enable": True})
+    try:
+        if update is not None:
+            llm.update_weights(update)
+        outs = llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False)
+    finally:
+        llm.close()
+    return [(o.outputs[0].token_ids, o.outputs[0].routed_experts) for o in outs]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "ernie4_5_moe", "qwen2_moe"])
+def test_tp2_matches_tp1_tokens_and_routing(ckpt_root, model_type):
+    d = tiny_checkpoint(ckpt_root, model_type)
+    ps = prompts(6, seed=12)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    one, two = _run(d, 1, ps, sp), _run(d, 2, ps, sp)
+    for (t1, r1), (t2, r2) in zip(one, two, strict=True):
+        assert t1 == t2
+        np.testing.assert_array_equal(np.sort(r1, -1), np.sort(r2, -1))
+    assert not multiprocessing.active_children(), "a tensor-parallel worker outlived close()"
+
+
+def test_update_weights_under_tp(ckpt_root):
+    from transformers import AutoModelForCausalLM
+
+    d = tiny_checkpoint(ckpt_root, "qwen3_moe")
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ps = prompts(4, seed=13)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    named = [(n, p.detach().clone()) for n, p in hf.named_parameters()]
+    one, two = _run(d, 1, ps, sp, update=named), _run(d, 2, ps, sp, update=named)
+    assert [t for t, _ in one] == [t for t, _ in two]
+    assert [t for t, _ in one] != [t for t, _ in _run(d, 1, ps, sp)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tensor_parallel_size=3), r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"),
+        (dict(tensor_parallel_size=2, device="cuda"), r"tensor_parallel_size=2 needs 2 GPUs, found"),
+        (dict(tensor_parallel_size=0), "tensor_parallel_size must be an integer >= 1"),
+    ],
+)
+def test_bad_tp_setup_fails_at_start_without_workers(ckpt_root, kwargs, message):
+    if kwargs.get("device") == "cuda" and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has enough GPUs")
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_checkpoint(ckpt_root, "qwen3_moe"), **kwargs)
+    assert not multiprocessing.active_children()
