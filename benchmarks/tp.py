@@ -8,6 +8,7 @@ Checks greedy tokens and routing agreement (bf16), then compares decode throughp
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 
@@ -40,6 +41,8 @@ def rollouts(d: str, tp: int, prompts: list[list[int]], new_tokens: int) -> tupl
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
     seconds = time.perf_counter() - t
     llm.close()
+    del llm
+    gc.collect()
     return [(o.outputs[0].token_ids, o.outputs[0].routed_experts) for o in outs], len(prompts) * new_tokens / seconds
 
 

@@ -98,6 +98,7 @@ class ModelRunner:
             return max(1, min(wanted, CPU_CACHE_BYTES // per_block))
         # Measure activation peak with a forward over a full token budget (no cache attached yet).
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # memory cached from an earlier engine in this process is free to take
         torch.cuda.reset_peak_memory_stats()
         n = self.config.max_num_batched_tokens
         chunk = min(512, self.config.max_model_len)
