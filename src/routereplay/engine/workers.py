@@ -9,7 +9,7 @@ engine's process.
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 from dataclasses import fields
 from datetime import timedelta
 
@@ -21,25 +21,28 @@ from routereplay.config import EngineConfig
 from routereplay.layers.parallel import TP
 from routereplay.models.loader import update_weights
 
-_TIMEOUT = timedelta(seconds=300)
+_TIMEOUT = timedelta(seconds=120)
 
 
-def _init(rank: int, size: int, port: int, cuda: bool):
+def _init(rank: int, size: int, rendezvous: str, cuda: bool):
     TP.rank, TP.size = rank, size
     if cuda:
         torch.cuda.set_device(rank)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (see the device notes)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    # One host: rendezvous through a file and keep the collectives' sockets on loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}",
                             rank=rank, world_size=size, timeout=_TIMEOUT)
     return dist.new_group(backend="gloo", timeout=_TIMEOUT)
 
 
-def _worker_main(kwargs: dict, rank: int, size: int, port: int) -> None:
+def _worker_main(kwargs: dict, rank: int, size: int, rendezvous: str) -> None:
     from routereplay.engine.model_runner import ModelRunner
 
     torch.set_num_threads(max(1, torch.get_num_threads() // size))
     config = EngineConfig(**kwargs)
-    ctrl = _init(rank, size, port, config.device.startswith("cuda"))
+    ctrl = _init(rank, size, rendezvous, config.device.startswith("cuda"))
     runner = ModelRunner(config, rank)
     while True:
         msg = [None]
@@ -59,20 +62,21 @@ class Workers:
 
     def __init__(self, config: EngineConfig) -> None:
         size = config.tensor_parallel_size
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        fd, self.rendezvous = tempfile.mkstemp(prefix="routereplay-tp-")
+        os.close(fd)
+        os.remove(self.rendezvous)  # the file store creates it
         kwargs = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, args=(kwargs, r, size, port), daemon=True)
+        self.procs = [ctx.Process(target=_worker_main, args=(kwargs, r, size, self.rendezvous), daemon=True)
                       for r in range(1, size)]
         for p in self.procs:
             p.start()
         try:
-            self.ctrl = _init(0, size, port, config.device.startswith("cuda"))
-        except BaseException:
+            self.ctrl = _init(0, size, self.rendezvous, config.device.startswith("cuda"))
+        except BaseException as e:
+            codes = [p.exitcode for p in self.procs]
             self.close(graceful=False)
-            raise
+            raise RuntimeError(f"tensor-parallel workers did not join (exit codes {codes}): {e}") from e
 
     def send(self, msg: tuple) -> None:
         dist.broadcast_object_list([msg], src=0, group=self.ctrl)
@@ -90,4 +94,6 @@ class Workers:
                 p.join(timeout=10)
         if dist.is_initialized():
             dist.destroy_process_group()
+        if os.path.exists(self.rendezvous):
+            os.remove(self.rendezvous)
         TP.rank, TP.size = 0, 1
