@@ -83,11 +83,15 @@ class ModelRunner:
     # ---- memory ---------------------------------------------------------------------------------
     def _bytes_per_block(self) -> int:
         mc, c = self.config.model_config, self.config
-        kv = 2 * mc.num_layers * c.block_size * (mc.num_kv_heads // TP.size) * mc.head_dim * c.torch_dtype.itemsize
+        kv = sum(heads * (k_dim + v_dim) for heads, k_dim, v_dim in self._cache_specs())
+        kv *= c.block_size * c.torch_dtype.itemsize
         routing = 0
         if c.routing_replay.enable and self.rank == 0:
             routing = c.block_size * mc.num_moe_layers * mc.top_k * c.cache_dtype.itemsize
         return kv + routing
+
+    def _cache_specs(self) -> list[tuple[int, int, int]]:
+        return [layer.self_attn.cache_spec() for layer in self.model.model.layers]
 
     def _plan_num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -122,10 +126,14 @@ class ModelRunner:
 
     def _allocate_caches(self) -> None:
         mc, c = self.config.model_config, self.config
-        shape = (2, mc.num_layers, self.num_blocks, c.block_size, mc.num_kv_heads // TP.size, mc.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=c.torch_dtype, device=self.device)
-        for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        # One K and one V tensor per layer, [num_blocks, block_size, kv heads, dim]; a layer whose V
+        # is read from its K cache (MLA) asks for V dim 0.
+        for layer, (heads, k_dim, v_dim) in zip(self.model.model.layers, self._cache_specs(), strict=True):
+            attn = layer.self_attn
+            attn.k_cache, attn.v_cache = (
+                torch.empty(self.num_blocks, c.block_size, heads, dim, dtype=c.torch_dtype, device=self.device)
+                for dim in (k_dim, v_dim)
+            )
         self.routing_cache = None
         if c.routing_replay.enable and self.rank == 0:  # every rank routes identically; rank 0 records
             # One row per KV slot plus a scratch row at the end for padding slots (-1).

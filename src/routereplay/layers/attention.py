@@ -33,6 +33,10 @@ class Attention(nn.Module):
         # Set by the model runner when it allocates the KV cache; empty = no cache (reference forward).
         self.k_cache = self.v_cache = torch.tensor([])
 
+    def cache_spec(self) -> tuple[int, int, int]:
+        """(kv heads on this rank, K dim, V dim) of this layer's paged cache."""
+        return self.num_kv_heads, self.head_dim, self.head_dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         n = x.shape[0]

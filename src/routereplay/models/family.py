@@ -28,6 +28,10 @@ class Family:
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     # checkpoint tensors we knowingly do not use (e.g. GLM's multi-token-prediction layers)
     ignore: Callable[[object, str], bool] = lambda c, name: False
+    # Families whose attention or experts differ in kind (MLA, attention sinks, biased experts) build
+    # their own; the module must offer `cache_spec()` (attention) / the Experts call signature.
+    make_attention: Callable[[object, int], nn.Module] | None = None
+    make_experts: Callable[[object], nn.Module] | None = None
     renames_compiled: tuple = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:

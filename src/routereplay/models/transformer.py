@@ -19,10 +19,13 @@ from routereplay.models.family import Family
 class DecoderLayer(nn.Module):
     def __init__(self, family: Family, c, layer_idx: int, moe_index: int | None) -> None:
         super().__init__()
-        self.self_attn = Attention(
-            c, qkv_bias=family.qkv_bias(c), o_bias=family.o_bias(c), qk_norm=family.qk_norm(c),
-            interleaved_rope=family.interleaved_rope,
-        )
+        if family.make_attention is not None:
+            self.self_attn = family.make_attention(c, layer_idx)
+        else:
+            self.self_attn = Attention(
+                c, qkv_bias=family.qkv_bias(c), o_bias=family.o_bias(c), qk_norm=family.qk_norm(c),
+                interleaved_rope=family.interleaved_rope,
+            )
         bias = family.mlp_bias(c)
         if moe_index is None:
             self.mlp = MLP(c.hidden_size, c.intermediate_size, bias)
@@ -32,7 +35,7 @@ class DecoderLayer(nn.Module):
             gated = family.shared == "shared_expert"
             self.mlp = SparseMoE(
                 family.make_router(c),
-                Experts(family.num_experts(c), c.hidden_size, inter),
+                family.make_experts(c) if family.make_experts else Experts(family.num_experts(c), c.hidden_size, inter),
                 moe_index,
                 shared_experts=MLP(c.hidden_size, shared_size, bias) if shared_size else None,
                 shared_expert_gate=nn.Linear(c.hidden_size, 1, bias=False) if gated else None,
