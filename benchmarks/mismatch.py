@@ -47,6 +47,8 @@ def build_checkpoint(args: argparse.Namespace, path: str, device: torch.device) 
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():  # a trained model's next-token distributions are peaked, a random one's are flat
+        model.lm_head.weight.mul_(args.lm_head_scale)
     model.save_pretrained(path)
     return model.to(device=device, dtype=DTYPES[args.train_dtype]).eval()
 
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="dtype of the transformers model (%(default)s); rollouts are always bf16")
     parser.add_argument("--init-std", type=float, default=None, help="initializer_range (transformers default)")
+    parser.add_argument("--lm-head-scale", type=float, default=8.0,
+                        help="scale the random LM head so distributions are peaked as after training (%(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
