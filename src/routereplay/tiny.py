@@ -28,6 +28,18 @@ TINY_CONFIGS: dict[str, dict] = {
                      use_qk_norm=True, routed_scaling_factor=2.5, norm_topk_prob=True),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                          moe_layer_start_index=1, moe_layer_interval=1, tie_word_embeddings=True),
+    # MLA (q/kv latents, v_head_dim != qk dim) with YaRN rope, as DeepSeek-V3 / Kimi-K2 ship it
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_group=4, topk_group=2,
+                        first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, head_dim=8, v_head_dim=12, initializer_range=0.1,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=256, beta_fast=32, beta_slow=1,
+                                             mscale=1.0, mscale_all_dim=1.0)),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention"] * 2, initializer_range=0.1,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=256)),
 }
 
 CHAT_TEMPLATE = (

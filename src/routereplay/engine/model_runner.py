@@ -65,7 +65,8 @@ class ModelRunner:
         self.workers = None  # the other tensor-parallel ranks (engine.workers.Workers), set by the engine
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_capture_seconds = 0.0
-        if self.device.type == "cuda" and not config.enforce_eager:
+        graph_safe = all(getattr(layer.self_attn, "graph_safe", True) for layer in self.model.model.layers)
+        if self.device.type == "cuda" and not config.enforce_eager and graph_safe:
             self._capture_graphs()
 
     @torch.no_grad()

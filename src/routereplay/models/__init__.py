@@ -1,10 +1,11 @@
 """Model families, keyed by Hugging Face `model_type`."""
 
-from routereplay.models import ernie4_5_moe, glm4_moe, mixtral, qwen2_moe, qwen3_moe
+from routereplay.models import deepseek_v3, ernie4_5_moe, glm4_moe, gpt_oss, mixtral, qwen2_moe, qwen3_moe
 from routereplay.models.family import Family
 
 REGISTRY: dict[str, Family] = {
-    m.FAMILY.model_type: m.FAMILY for m in (qwen3_moe, qwen2_moe, mixtral, glm4_moe, ernie4_5_moe)
+    m.FAMILY.model_type: m.FAMILY for m in (qwen3_moe, qwen2_moe, mixtral, glm4_moe, ernie4_5_moe, deepseek_v3,
+                                        gpt_oss)
 }
 
 
