@@ -37,6 +37,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16" + d)
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests" + d)
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) on this host" + d)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use" + d)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help=d.strip())
     p.set_defaults(func=_serve, parser=p)
 
@@ -50,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
             model=args.model, routing_replay=args.routing_replay, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, dtype=args.dtype, seed=args.seed,
-            enable_prefix_caching=not args.no_prefix_caching,
+            enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         )
     except (ValueError, TypeError) as e:
         args.parser.error(str(e))
