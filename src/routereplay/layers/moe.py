@@ -65,6 +65,12 @@ class GroupedSigmoidRouter(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
 
+    @classmethod
+    def from_config(cls, c) -> "GroupedSigmoidRouter":
+        """GLM-4.5 and DeepSeek-V3 name these fields alike."""
+        return cls(c.hidden_size, c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group,
+                   c.norm_topk_prob, c.routed_scaling_factor)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = F.linear(x.float(), self.weight).sigmoid()
         choice = scores + self.e_score_correction_bias

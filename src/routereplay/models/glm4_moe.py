@@ -9,10 +9,7 @@ FAMILY = Family(
     is_moe_layer=lambda c, i: i >= c.first_k_dense_replace,
     num_experts=lambda c: c.n_routed_experts,
     top_k=lambda c: c.num_experts_per_tok,
-    make_router=lambda c: GroupedSigmoidRouter(
-        c.hidden_size, c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group,
-        c.norm_topk_prob, c.routed_scaling_factor,
-    ),
+    make_router=GroupedSigmoidRouter.from_config,
     qkv_bias=lambda c: getattr(c, "attention_bias", False),
     qk_norm=lambda c: getattr(c, "use_qk_norm", False),
     shared="shared_experts",
