@@ -39,19 +39,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        cos, sin = ctx.rope_cos, ctx.rope_sin
-        rot = self.rotary
-        if cos is None or cos.dtype != rot.cos_sin_dtype(q.dtype) or cos.shape != (n, rot.rotary_dim):
-            cos, sin = rot.cos_sin(ctx.positions, q.dtype)  # no cached table (or one for another dtype)
-        if self.qk_norm:  # one kernel on CUDA: q/k RMSNorm + rotary
-            q, k = qk_norm_rope(q, k, cos, sin, rot.rotary_dim, rot.interleaved,
-                                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        else:
-            q, k = qk_norm_rope(q, k, cos, sin, rot.rotary_dim, rot.interleaved)
+        q, k, v = self.project(x, ctx)
         if self.k_cache.numel() == 0:
             o = self._causal_no_cache(q, k, v, ctx)
         else:
@@ -65,7 +53,24 @@ class Attention(nn.Module):
                     q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
                     ctx.context_lens, self.scale, ctx.max_seqlen_q,
                 )
-        return self.o_proj(o.reshape(n, -1))
+        return self.o_proj(o.reshape(x.shape[0], -1))
+
+    def project(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [N, heads, D], k and v [N, kv heads, D]: projected, q/k-normed where the family does, rotated."""
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        cos, sin = ctx.rope_cos, ctx.rope_sin
+        rot = self.rotary
+        if cos is None or cos.dtype != rot.cos_sin_dtype(q.dtype) or cos.shape != (n, rot.rotary_dim):
+            cos, sin = rot.cos_sin(ctx.positions, q.dtype)  # no cached table (or one for another dtype)
+        if self.qk_norm:  # one kernel on CUDA: q/k RMSNorm + rotary
+            q, k = qk_norm_rope(q, k, cos, sin, rot.rotary_dim, rot.interleaved,
+                                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        else:
+            q, k = qk_norm_rope(q, k, cos, sin, rot.rotary_dim, rot.interleaved)
+        return q, k, v
 
     def _causal_no_cache(self, q, k, v, ctx) -> torch.Tensor:
         """Full-sequence causal attention per sequence of the step (no KV cache)."""

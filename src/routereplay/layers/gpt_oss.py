@@ -16,9 +16,8 @@ from torch import nn
 from routereplay import kernels
 from routereplay.engine.context import get_context
 from routereplay.kernels.attention import _gather_slots
-from routereplay.kernels.fused import qk_norm_rope
+from routereplay.layers.attention import Attention
 from routereplay.layers.parallel import TP
-from routereplay.layers.rotary import Rotary
 
 
 def _no_tp(what: str) -> None:
@@ -54,48 +53,28 @@ def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     return ok
 
 
-class GptOssAttention(nn.Module):
+class GptOssAttention(Attention):
+    """Attention with q/k/v/o biases, one learned sink logit per head and, on sliding layers, a window."""
+
     def __init__(self, hf_config, layer_idx: int) -> None:
-        super().__init__()
         _no_tp("attention")
         c = hf_config
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.scale = self.head_dim**-0.5
-        self.num_heads, self.num_kv_heads = c.num_attention_heads, c.num_key_value_heads
         bias = getattr(c, "attention_bias", True)
-        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, q_out, bias=bias)
-        self.k_proj = nn.Linear(c.hidden_size, kv_out, bias=bias)
-        self.v_proj = nn.Linear(c.hidden_size, kv_out, bias=bias)
-        self.o_proj = nn.Linear(q_out, c.hidden_size, bias=bias)
+        super().__init__(c, qkv_bias=bias, o_bias=bias, qk_norm=False, interleaved_rope=False)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
         layer_types = getattr(c, "layer_types", None)
         sliding = layer_types is not None and layer_types[layer_idx] == "sliding_attention"
         self.window: int | None = c.sliding_window if sliding and c.sliding_window else None
-        self.rotary = Rotary(c, self.head_dim, False)
-        # Set by the model runner when it allocates the KV cache; empty = no cache (reference forward).
-        self.k_cache = self.v_cache = torch.tensor([])
-
-    def cache_spec(self) -> tuple[int, int, int]:
-        return self.num_kv_heads, self.head_dim, self.head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        cos, sin = ctx.rope_cos, ctx.rope_sin
-        rot = self.rotary
-        if cos is None or cos.dtype != rot.cos_sin_dtype(q.dtype) or cos.shape != (n, rot.rotary_dim):
-            cos, sin = rot.cos_sin(ctx.positions, q.dtype)
-        q, k = qk_norm_rope(q, k, cos, sin, rot.rotary_dim, False)
+        q, k, v = self.project(x, ctx)
         if self.k_cache.numel() == 0:
             o = self._no_cache(q, k, v, ctx)
         else:
             kernels.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
             o = self._decode(q, ctx) if ctx.is_decode else self._prefill(q, ctx)
-        return self.o_proj(o.reshape(n, -1))
+        return self.o_proj(o.reshape(x.shape[0], -1))
 
     def _no_cache(self, q, k, v, ctx) -> torch.Tensor:
         """Full-sequence causal (windowed) attention per sequence of the step."""
