@@ -209,3 +209,24 @@ def test_tp2_matches_tp1(root):
     for (t1, r1), (t2, r2) in zip(one, two, strict=True):
         assert t1 == t2
         assert same_sets(r1, r2)
+
+
+def test_kimi_k2_checkpoint_loads_as_deepseek_v3(tmp_path):
+    """Kimi-K2 ships DeepSeek-V3's architecture under model_type "kimi_k2" with remote-code auto_map."""
+    import json
+    import shutil
+
+    src = make_tiny_checkpoint(str(tmp_path / "ds"), "deepseek_v3")
+    dst = tmp_path / "kimi"
+    shutil.copytree(src, dst)
+    cfg = json.load(open(dst / "config.json"))
+    cfg.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    json.dump(cfg, open(dst / "config.json", "w"))
+    assert ModelConfig.from_dir(str(dst)).family.model_type == "deepseek_v3"
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    a = LLM(src, max_model_len=128, routing_replay={"enable": True}).generate(
+        prompt_token_ids=[[5, 6, 7, 8]], sampling_params=sp, use_tqdm=False)[0].outputs[0]
+    b = LLM(str(dst), max_model_len=128, routing_replay={"enable": True}).generate(
+        prompt_token_ids=[[5, 6, 7, 8]], sampling_params=sp, use_tqdm=False)[0].outputs[0]
+    assert a.token_ids == b.token_ids
+    np.testing.assert_array_equal(a.routed_experts, b.routed_experts)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from routereplay.models import get_family
+from routereplay.models import ALIASES, get_family
 from routereplay.models.family import Family
 from routereplay.routing.codec import routing_dtype
 
@@ -87,6 +87,9 @@ def read_hf_config(model_dir: str):
     from transformers import AutoConfig
 
     try:
+        if raw["model_type"] in ALIASES:  # e.g. Kimi-K2: DeepSeek-V3's config under its own name
+            fields_ = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
+            return AutoConfig.for_model(ALIASES[raw["model_type"]], **fields_)
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # transformers raises many types for a malformed config
         raise ValueError(f"cannot parse {path}: {e}") from e

@@ -9,10 +9,14 @@ REGISTRY: dict[str, Family] = {
 }
 
 
+# Checkpoints whose config names remote code but whose architecture is a supported family.
+ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
+
+
 def get_family(model_type: str) -> Family:
     try:
-        return REGISTRY[model_type]
+        return REGISTRY[ALIASES.get(model_type, model_type)]
     except KeyError:
         raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(REGISTRY))}"
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted({*REGISTRY, *ALIASES}))}"
         ) from None
