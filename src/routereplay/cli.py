@@ -1,4 +1,5 @@
-"""Command line: ``routereplay serve --model DIR [...]`` (OpenAI-compatible rollout server).
+"""Command line: ``routereplay serve --model DIR [...]`` (OpenAI-compatible rollout server) and
+``routereplay generate --model DIR PROMPT...`` (one offline batch, routing summarised or stored).
 
 ``routereplay demo ...`` and ``routereplay inspect ...`` hand their arguments to
 ``routereplay.demo.main`` and ``routereplay.inspect_store.main``.
@@ -63,6 +64,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate for prompts offline and report their routing",
+                       description="Generate for each prompt; print the text and the routing's shape.")
+    p.add_argument("prompts", nargs="+", help="prompt strings (tokenised with the checkpoint's tokenizer)")
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--routing-replay", default='{"enable": true}', metavar="JSON",
+                   help="routing capture config (default: %(default)s)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_generate, parser=p)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from routereplay import LLM, SamplingParams
+
+    try:
+        llm = LLM(args.model, routing_replay=args.routing_replay, dtype=args.dtype)
+        sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+        outs = llm.generate(args.prompts, sp, use_tqdm=False)
+    except ValueError as e:
+        args.parser.error(str(e))
+    llm.close()
+    for out in outs:
+        c = out.outputs[0]
+        print(f"prompt: {out.prompt!r}\ncompletion: {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
+        if c.routed_experts is not None:
+            r = c.routed_experts
+            print(f"routed_experts: {r.dtype}{list(r.shape)} (tokens-1, MoE layers {out.moe_layer_ids}, top-k)"
+                  + (f", stored as {c.routing_key!r}" if c.routing_key else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
@@ -70,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="routereplay", description="Rollout Routing Replay (R3) for MoE RL.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _generate_parser(sub)
     for name, (_module, help_text) in _DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; dispatched above
     args = parser.parse_args(argv)
