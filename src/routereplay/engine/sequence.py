@@ -42,6 +42,3 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
-
-    def slot(self, position: int, block_size: int) -> int:
-        return self.block_table[position // block_size] * block_size + position % block_size
