@@ -34,3 +34,13 @@ def reference_forward(model_dir: str, token_ids: list[int]):
     for h in hooks:
         h.remove()
     return logits, torch.stack(chosen, dim=1)  # [T, L, K]
+
+
+def assert_logprobs_match_full_forward(ref_model, prompts: list[list[int]], outs, atol: float = 1e-4) -> None:
+    """Each returned log-prob equals the reference's full-sequence log-softmax at the sampled token."""
+    for p, o in zip(prompts, outs, strict=True):
+        c = o.outputs[0]
+        with torch.no_grad():
+            logp = torch.log_softmax(ref_model(torch.tensor([p + c.token_ids])).logits[0].float(), -1)
+        expected = logp[len(p) - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=atol)

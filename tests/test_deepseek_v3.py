@@ -9,7 +9,7 @@ import torch
 from routereplay import LLM, SamplingParams
 from routereplay.config import ModelConfig
 from routereplay.tiny import COMMON, TINY_CONFIGS, make_tiny_checkpoint
-from tests.helpers import reference_forward
+from tests.helpers import assert_logprobs_match_full_forward, reference_forward
 from tests.test_capture import DEBUG, assert_positions
 from tests.test_engine import GREEDY, prompts, tokens
 from tests.test_models import build, our_forward
@@ -152,12 +152,7 @@ def test_absorbed_decode_logprobs_equal_full_forward(root, variant):
     ps = prompts(3, seed=21)
     outs = llm.generate(prompt_token_ids=ps, sampling_params=SamplingParams(
         temperature=1.0, max_tokens=10, seed=0, ignore_eos=True), use_tqdm=False)
-    for p, o in zip(ps, outs, strict=True):
-        c = o.outputs[0]
-        with torch.no_grad():
-            logp = torch.log_softmax(ref(torch.tensor([p + c.token_ids])).logits[0].float(), -1)
-        expected = logp[len(p) - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
-        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+    assert_logprobs_match_full_forward(ref, ps, outs)
 
 
 def test_capture_equals_full_forward_and_debug_rows_are_positions(root):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from routereplay import LLM, SamplingParams
-from tests.helpers import FAMILIES, tiny_checkpoint
+from tests.helpers import FAMILIES, assert_logprobs_match_full_forward, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +111,7 @@ def test_logprobs_equal_full_forward_log_softmax(qwen):
     ps = prompts(4, seed=21)
     outs = llm.generate(prompt_token_ids=ps, sampling_params=SamplingParams(
         temperature=1.0, max_tokens=10, seed=0, ignore_eos=True), use_tqdm=False)
-    for p, o in zip(ps, outs, strict=True):
-        c = o.outputs[0]
-        full = torch.tensor([p + c.token_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(ref(full).logits[0].float(), -1)
-        expected = logp[len(p) - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
-        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+    assert_logprobs_match_full_forward(ref, ps, outs)
 
 
 def test_update_weights_equals_loading_from_disk(qwen, tmp_path):

@@ -192,6 +192,13 @@ def test_replay_makes_routers_use_given_experts_and_keeps_router_gradients(famil
         assert "forward" not in router.__dict__  # native forward restored
 
 
+def replay_and_capture(model: nn.Module, rr: RoutingReplay, ids: torch.Tensor, routing: torch.Tensor):
+    """Replay `routing` and return (each router's inputs, each experts module's calls)."""
+    with torch.no_grad(), router_inputs(model, rr) as hidden, expert_calls(model, rr) as calls, rr.replay(routing):
+        model(ids)
+    return hidden, calls
+
+
 def _softmax_reference(
     hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, normalise: bool
 ) -> torch.Tensor:
@@ -207,13 +214,7 @@ def test_qwen3_gate_weights_follow_softmax_formula(normalise: bool) -> None:
     model = build("qwen3_moe", norm_topk_prob=normalise)
     rr = RoutingReplay(model)
     ids, routing = token_ids(2, 5), random_routing(rr, 2, 5)
-    with (
-        torch.no_grad(),
-        router_inputs(model, rr) as hidden,
-        expert_calls(model, rr) as calls,
-        rr.replay(routing),
-    ):
-        model(ids)
+    hidden, calls = replay_and_capture(model, rr, ids, routing)
     for layer, layer_id in enumerate(rr.moe_layer_ids):
         weight = model.model.layers[layer_id].mlp.gate.weight
         expected = _softmax_reference(hidden[layer], weight, flat(routing, layer), normalise)
@@ -224,13 +225,7 @@ def test_glm4_gate_weights_follow_sigmoid_formula_without_correction_bias() -> N
     model = build("glm4_moe")
     rr = RoutingReplay(model)
     ids, routing = token_ids(2, 5), random_routing(rr, 2, 5)
-    with (
-        torch.no_grad(),
-        router_inputs(model, rr) as hidden,
-        expert_calls(model, rr) as calls,
-        rr.replay(routing),
-    ):
-        model(ids)
+    hidden, calls = replay_and_capture(model, rr, ids, routing)
     for layer, layer_id in enumerate(rr.moe_layer_ids):
         gate = model.model.layers[layer_id].mlp.gate
         chosen = (hidden[layer] @ gate.weight.T).sigmoid().gather(1, flat(routing, layer))
