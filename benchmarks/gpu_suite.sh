@@ -5,16 +5,28 @@
 # Logs go to $OUT (or ./gpu_out); the last lines of each log are printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=src:. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# Faulthandler: a step that outruns its limit gets SIGABRT first, so every Python process of it
+# (spawned tensor-parallel workers included) prints where it hangs before being killed.
+export PYTHONPATH=src:. PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 \
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-./gpu_out}
 mkdir -p "$out"
 step() {  # name, time limit (s), command...
   local name=$1 limit=$2
   shift 2
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
-  echo "== $name (exit $?)"
+  "$@" > "$out/$name.log" 2>&1 &
+  local pid=$!
+  (sleep "$limit"; pkill -ABRT -f spawn_main; kill -ABRT "$pid"; sleep 5; pkill -KILL -f spawn_main
+   kill -KILL "$pid") 2>/dev/null &
+  local watchdog=$!
+  wait "$pid"
+  local rc=$?
+  kill "$watchdog" 2>/dev/null
+  echo "== $name (exit $rc)"
   tail -n 14 "$out/$name.log"
 }
+python -c 'import torch, triton, transformers as t; print("torch", torch.__version__, "triton", triton.__version__,
+  "transformers", t.__version__, "GPUs", torch.cuda.device_count(), torch.cuda.get_device_name())'
 case "${1:-single}" in
   single)
     step gpu_tests 240 python -m pytest -m gpu tests
