@@ -63,7 +63,8 @@ _MORE_THAN_GPUS = max(2, torch.cuda.device_count() + 1)
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(tensor_parallel_size=3, device="cpu"), r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"),
+        (dict(tensor_parallel_size=3, device="cpu"),
+         r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"),
         (dict(tensor_parallel_size=_MORE_THAN_GPUS, device="cuda"),
          rf"tensor_parallel_size={_MORE_THAN_GPUS} needs {_MORE_THAN_GPUS} GPUs, found {torch.cuda.device_count()}"),
         (dict(tensor_parallel_size=0), "tensor_parallel_size must be an integer >= 1"),
