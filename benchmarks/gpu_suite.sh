@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one device call (the device time is scarce: start the machine once).
 #   single GPU:  bash benchmarks/gpu_suite.sh single      (nvidia-h200)
-#   two GPUs:    bash benchmarks/gpu_suite.sh tp          (nvidia-h200-x2: tensor parallelism)
+#   two GPUs:    bash benchmarks/gpu_suite.sh tp [+mismatch]   (nvidia-h200-x2: tensor parallelism)
 # Logs go to $OUT (or ./gpu_out); the last lines of each log are printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,7 @@ case "${1:-single}" in
     ;;
   tp)
     step tp_tests 200 python -m pytest -x tests/test_tp.py
-    step tp_bench 300 python benchmarks/tp.py --tp 2 --layers 4
+    step tp_bench 240 python benchmarks/tp.py --tp 2 --layers 4
+    [ "${2:-}" = "+mismatch" ] && step mismatch 200 python benchmarks/mismatch.py
     ;;
 esac

@@ -40,6 +40,7 @@ def rollouts(d: str, tp: int, prompts: list[list[int]], new_tokens: int) -> tupl
     t = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
     seconds = time.perf_counter() - t
+    print(f"TP={tp}: {len(prompts) * new_tokens / seconds:.0f} tok/s", flush=True)
     llm.close()
     del llm
     gc.collect()

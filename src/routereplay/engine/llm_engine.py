@@ -212,5 +212,6 @@ class LLMEngine:
         if self.store_writer is not None:
             self.store_writer.close()
         if self.runner.workers is not None:
+            self.runner.release_graphs()
             self.runner.workers.close()
             self.runner.workers = None

@@ -245,6 +245,12 @@ class ModelRunner:
         self.graph_sizes = sizes
         self.graph_capture_seconds = time.perf_counter() - t0
 
+    def release_graphs(self) -> None:
+        """Drop the decode graphs: NCCL's shutdown waits for graphs that captured its collectives."""
+        self.graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
     def _replay(self, ids, pos, slots, ctx_lens, tables) -> torch.Tensor:
         n = len(ids)
         bs = next(b for b in self.graph_sizes if b >= n)

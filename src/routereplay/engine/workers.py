@@ -54,6 +54,7 @@ def _worker_main(kwargs: dict, rank: int, size: int, rendezvous: str) -> None:
             update_weights(runner.model, payload)
         else:
             break
+    runner.release_graphs()
     dist.destroy_process_group()
 
 
@@ -87,13 +88,19 @@ class Workers:
                 self.send(("exit", None))
             except Exception:
                 graceful = False
+        if graceful and dist.is_initialized():
+            # NCCL's shutdown waits for every rank: destroy together with the workers, then join them.
+            dist.destroy_process_group()
         for p in self.procs:
             p.join(timeout=30 if graceful else 0)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=10)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if dist.is_initialized():  # a worker failed: its peers are gone, so abort rather than shut down
+            if dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
         if os.path.exists(self.rendezvous):
             os.remove(self.rendezvous)
         TP.rank, TP.size = 0, 1
