@@ -12,11 +12,11 @@ import gc
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.throughput import QWEN3_30B_A3B
 from routereplay import LLM, SamplingParams
+from routereplay.metrics import rollout_router_disagreement
 
 
 def make_checkpoint(d: str, layers: int) -> str:
@@ -44,7 +44,7 @@ def rollouts(d: str, tp: int, prompts: list[list[int]], new_tokens: int) -> tupl
     llm.close()
     del llm
     gc.collect()
-    return [(o.outputs[0].token_ids, o.outputs[0].routed_experts) for o in outs], len(prompts) * new_tokens / seconds
+    return outs, len(prompts) * new_tokens / seconds
 
 
 def main() -> None:
@@ -60,18 +60,13 @@ def main() -> None:
     prompts = [torch.randint(1000, 100000, (args.input_len,), generator=g).tolist() for _ in range(args.prompts)]
     one, tps1 = rollouts(d, 1, prompts, args.new_tokens)
     many, tpsn = rollouts(d, args.tp, prompts, args.new_tokens)
-    same_seq = sum(a[0] == b[0] for a, b in zip(one, many, strict=True))
-    agree = total = 0
-    for (ta, ra), (tb, rb) in zip(one, many, strict=True):
-        common = args.input_len - 1 + next((i for i, (x, y) in enumerate(zip(ta, tb, strict=True)) if x != y), len(ta))
-        n = min(len(ra), len(rb), common)  # rows compare only while both runs forwarded the same tokens
-        a, b = np.sort(ra[:n], -1), np.sort(rb[:n], -1)
-        agree += int((a == b).all(-1).sum())
-        total += a.shape[0] * a.shape[1]
+    same_seq = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(one, many, strict=True))
+    dis = rollout_router_disagreement(one, many)  # rows compare only while both runs forwarded the same tokens
     gpu = torch.cuda.get_device_name()
     print(f"\n## TP=1 vs TP={args.tp}, Qwen3-MoE shape with {args.layers} layers, bf16, {gpu}\n")
     print(f"identical greedy sequences: {same_seq}/{len(one)}")
-    print(f"routing agreement on identical prefixes: {agree}/{total} (token, layer) sets = {agree / max(total, 1):.5f}")
+    print(f"routing agreement on identical prefixes: {1 - dis.pair_rate:.5f} of {dis.num_tokens} tokens x "
+          f"{len(dis.per_layer)} layers (token, layer) sets; tokens with >= 1 layer differing: {dis.token_rate:.4%}")
     print(f"decode+prefill throughput ({args.prompts} x {args.input_len} in / {args.new_tokens} out): "
           f"TP=1 {tps1:.0f} tok/s, TP={args.tp} {tpsn:.0f} tok/s, ratio {tpsn / tps1:.2f}")
 

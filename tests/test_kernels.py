@@ -212,6 +212,17 @@ def test_fused_moe_ref_bf16_accumulates_in_fp32():
     assert rel_err(out, dumb_moe(x, w13, w2, ids, wts)) < 1e-2
 
 
+def test_fused_moe_out_dtype_fp32_is_the_unrounded_sum():
+    """Tensor-parallel partial outputs stay fp32 until after the cross-rank sum."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 32, generator=g).bfloat16()
+    w13, w2 = moe_weights(8, 32, 16, dtype=torch.bfloat16)
+    ids, wts = routing(6, 8, 2)
+    full = fused_moe(x, w13, w2, ids, wts, out_dtype=torch.float32)
+    assert full.dtype == torch.float32
+    assert torch.equal(full.bfloat16(), fused_moe(x, w13, w2, ids, wts))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton interpreter (CPU): the kernels' logic, tiny shapes; fp32/fp16 (the interpreter mis-handles bf16 dots)
 # ----------------------------------------------------------------------------------------------------------
@@ -281,6 +292,17 @@ def test_interp_fused_moe(monkeypatch, cfg, one_program, h, inter):
     out = torch.full_like(x, float("nan"))
     moe_mod._fused_moe_triton(x, w13, w2, ids, wts, config=config, out=out)
     assert rel_err(out, fused_moe_ref(x, w13, w2, ids, wts)) < 1e-5
+
+
+@interpret
+def test_interp_fused_moe_fp16_in_fp32_out():
+    x = torch.randn(9, 64).half()
+    w13, w2 = moe_weights(16, 64, 32, dtype=torch.float16)
+    ids, wts = routing(9, 16, 4)
+    out = fused_moe(x, w13, w2, ids, wts, out_dtype=torch.float32)  # the Triton path on CUDA only
+    out_t = moe_mod._fused_moe_triton(x, w13, w2, ids, wts, out=torch.empty(9, 64))
+    assert out.dtype == out_t.dtype == torch.float32
+    assert rel_err(out_t, out) < 2e-3  # the kernel rounds the activation to fp16, the reference does not
 
 
 @interpret

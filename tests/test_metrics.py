@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from routereplay.metrics import policy_mismatch, router_disagreement
+from routereplay.metrics import policy_mismatch, rollout_router_disagreement, router_disagreement
+from routereplay.outputs import CompletionOutput, RequestOutput
 
 
 def test_policy_mismatch_matches_hand_computation() -> None:
@@ -87,3 +88,35 @@ def test_router_disagreement_rejects_bad_input() -> None:
         router_disagreement(a, a.astype(np.float32))
     with pytest.raises(ValueError, match="mask shape"):
         router_disagreement(a, a, mask=np.ones(2, dtype=bool))
+
+
+def _output(prompt: list[int], tokens: list[int], routing: np.ndarray, start: int = 0) -> RequestOutput:
+    done = CompletionOutput(0, tokens, None, "length", routed_experts=routing, routed_experts_start=start)
+    return RequestOutput("r", None, prompt, [done], [0, 1])
+
+
+def test_rollout_router_disagreement_counts_only_rows_of_identical_tokens() -> None:
+    rng = np.random.default_rng(0)
+    prompt, tokens = [5, 6, 7, 8], [1, 2, 3, 4]
+    routing = np.stack([rng.permutation(8)[:2] for _ in range(14)]).reshape(7, 2, 2)  # 4 + 4 - 1 rows
+    other = routing.copy()
+    other[5, 1] = [7, 6] if set(routing[5, 1]) != {6, 7} else [0, 1]  # row of position 5 (token 2 forwarded)
+    other[6] = 0  # after the sequences diverge: not compared
+    a = _output(prompt, tokens, routing)
+    b = _output(prompt, [1, 2, 9, 4], other)
+    dis = rollout_router_disagreement([a], [b])
+    assert dis.num_tokens == 6  # positions 0..5: the prompt and the two shared generated tokens
+    assert dis.pair_rate == pytest.approx(1 / 12) and dis.per_layer == (0.0, pytest.approx(1 / 6))
+    started = rollout_router_disagreement([_output(prompt, tokens, routing[2:], 2)],
+                                          [_output(prompt, [1, 2, 9, 4], other[2:], 2)])
+    assert started.num_tokens == 4 and started.pair_rate == pytest.approx(1 / 8)
+
+
+def test_rollout_router_disagreement_rejects_mismatched_outputs() -> None:
+    r = np.zeros((3, 2, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match="different prompts"):
+        rollout_router_disagreement([_output([1, 2], [3, 4], r)], [_output([1, 3], [3, 4], r)])
+    with pytest.raises(ValueError, match="routed_experts is missing"):
+        rollout_router_disagreement([_output([1, 2], [3, 4], r)], [_output([1, 2], [3, 4], None)])
+    with pytest.raises(ValueError, match="2 requests"):
+        rollout_router_disagreement([_output([1, 2], [3, 4], r)] * 2, [])

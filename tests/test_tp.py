@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from routereplay import LLM, SamplingParams
+from routereplay.metrics import rollout_router_disagreement
 from tests.helpers import tiny_checkpoint
 from tests.test_engine import prompts
 
@@ -39,6 +40,32 @@ def test_tp2_matches_tp1_tokens_and_routing(ckpt_root, model_type):
         assert t1 == t2
         np.testing.assert_array_equal(np.sort(r1, -1), np.sort(r2, -1))
     assert not multiprocessing.active_children(), "a tensor-parallel worker outlived close()"
+
+
+def test_tp2_bf16_routing_agrees_with_tp1(tmp_path):
+    """bf16 cannot be bit-exact across TP sizes (sums in another order), but with the partial sums
+    reduced in fp32 and rounded once, near-tied routers of a random model rarely flip. Measured on
+    this model: 95.4% of (token, layer) sets agreed when bf16 partials were reduced, 99.65% now."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_experts=64,
+        num_experts_per_tok=8, moe_intermediate_size=128, intermediate_size=512, vocab_size=2048,
+        num_hidden_layers=4, norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(3, 2048, (48,), generator=g).tolist() for _ in range(12)]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outs = []
+    for tp in (1, 2):
+        llm = LLM(str(tmp_path), dtype="bfloat16", device="cpu", tensor_parallel_size=tp, max_model_len=128,
+                  num_kv_blocks=128, routing_replay={"enable": True})
+        outs.append(llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False))
+        llm.close()
+    dis = rollout_router_disagreement(*outs)
+    assert dis.num_tokens >= 12 * 48
+    assert dis.pair_rate <= 0.01, f"{dis.pair_rate:.2%} of (token, layer) expert sets differ between TP=1 and TP=2"
 
 
 def test_update_weights_under_tp(ckpt_root):

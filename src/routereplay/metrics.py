@@ -2,8 +2,9 @@
 
 ``policy_mismatch`` compares per-token log-probs of the sampled tokens under the training engine
 and under the rollout engine (r = p_train / p_rollout). ``router_disagreement`` compares two
-routings of the same tokens (e.g. rollout vs. a native training forward) as sets of experts.
-Both accept numpy arrays or torch tensors and return plain Python numbers, ready for logging.
+routings of the same tokens (e.g. rollout vs. a native training forward) as sets of experts;
+``rollout_router_disagreement`` does so for two generations of the same prompts (e.g. TP=1 vs
+TP=2). They accept numpy arrays or torch tensors and return plain Python numbers, ready for logging.
 """
 
 from __future__ import annotations
@@ -123,3 +124,29 @@ def router_disagreement(
         token_rate=float(differs.any(axis=-1).mean()),
         num_tokens=int(differs.shape[0]),
     )
+
+
+def rollout_router_disagreement(outputs_a: list, outputs_b: list) -> RouterDisagreement:
+    """Router disagreement between two generations of the same prompts (``RequestOutput`` lists,
+    e.g. two tensor-parallel sizes or two engines), over the rows both computed from the same
+    tokens: the prompt and the generated tokens before the first one that differs.
+    """
+    if len(outputs_a) != len(outputs_b):
+        raise ValueError(f"outputs_a has {len(outputs_a)} requests, outputs_b {len(outputs_b)}")
+    rows_a, rows_b = [], []
+    for i, (a, b) in enumerate(zip(outputs_a, outputs_b, strict=True)):
+        if a.prompt_token_ids != b.prompt_token_ids:
+            raise ValueError(f"request {i}: the two outputs have different prompts")
+        ca, cb = a.outputs[0], b.outputs[0]
+        if ca.routed_experts is None or cb.routed_experts is None:
+            raise ValueError(f"request {i}: routed_experts is missing (generate with routing capture on)")
+        if ca.routed_experts_start != cb.routed_experts_start:
+            raise ValueError(f"request {i}: routed_experts_start differs ({ca.routed_experts_start} vs "
+                             f"{cb.routed_experts_start})")
+        pairs = zip(ca.token_ids, cb.token_ids, strict=False)
+        same = next((j for j, (x, y) in enumerate(pairs) if x != y), min(len(ca.token_ids), len(cb.token_ids)))
+        n = len(a.prompt_token_ids) + same - ca.routed_experts_start  # row j is position start + j
+        n = min(n, len(ca.routed_experts), len(cb.routed_experts))
+        rows_a.append(np.asarray(ca.routed_experts[:n]))
+        rows_b.append(np.asarray(cb.routed_experts[:n]))
+    return router_disagreement(np.concatenate(rows_a), np.concatenate(rows_b))

@@ -43,7 +43,7 @@ _ALIGN_CHUNK = 1024
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> torch.Tensor:
+                  topk_weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Exact, vectorised reference: pairs sorted by expert, one batched matmul per expert present."""
     N, H = x.shape
     K = topk_ids.shape[1]
@@ -51,7 +51,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
     inter = I2 // 2
     out = torch.zeros(N, H, dtype=torch.float32, device=x.device)
     if N == 0:
-        return out.to(x.dtype)
+        return out.to(out_dtype or x.dtype)
     flat = topk_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     tokens = order // K
@@ -69,7 +69,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
         act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         y = act @ w2[e].float().t()
         out.index_add_(0, t, y * weights[sl, None])
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 if HAS_TRITON:
@@ -287,8 +287,12 @@ def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts: ``x [N, H]``, ``topk_ids``/``topk_weights [N, K]`` -> ``[N, H]``."""
+              topk_weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Routed SwiGLU experts: ``x [N, H]``, ``topk_ids``/``topk_weights [N, K]`` -> ``[N, H]``.
+
+    The top-k sum is accumulated in fp32 and rounded to ``out_dtype`` (default: ``x``'s dtype).
+    """
     if HAS_TRITON and x.is_cuda:
-        return _fused_moe_triton(x, w13, w2, topk_ids, topk_weights)
-    return fused_moe_ref(x, w13, w2, topk_ids, topk_weights)
+        out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+        return _fused_moe_triton(x, w13, w2, topk_ids, topk_weights, out=out)
+    return fused_moe_ref(x, w13, w2, topk_ids, topk_weights, out_dtype)

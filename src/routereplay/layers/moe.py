@@ -100,7 +100,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, inter))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return all_reduce(kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights))
+        if TP.size == 1:
+            return kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights)
+        # fp32 partials, one rounding after the sum (see RowParallelLinear)
+        out = kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights, out_dtype=torch.float32)
+        return all_reduce(out).to(x.dtype)
 
 
 def record_routing(moe_index: int, ids: torch.Tensor) -> None:

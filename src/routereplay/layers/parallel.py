@@ -38,6 +38,18 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # bf16/fp16 GEMM with an fp32 result (CUDA)
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` returned in fp32, unrounded: a partial sum to be reduced across ranks."""
+    if x.dtype == torch.float32:
+        return F.linear(x, weight)
+    if x.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    return F.linear(x.float(), weight.float())
+
+
 def shard_range(full: int) -> tuple[int, int]:
     """[start, end) of this rank's slice of a dimension of size `full`."""
     part = full // TP.size
@@ -59,14 +71,19 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    """Partial products summed across ranks; the bias is added once, after the sum."""
+    """Partial products summed across ranks; the bias is added once, after the sum.
+
+    The partial products are reduced in fp32 and rounded once, like TP=1's single GEMM: reducing
+    bf16 partials rounds twice, and those one-ulp differences in the residual stream flip near-tied
+    router choices (measured: 4.6% of (token, layer) sets on CPU, 7.9% on H200s).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features // TP.size, out_features, bias=bias)
         mark(self.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight) if TP.size == 1 else all_reduce(linear_fp32(x, self.weight)).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
 
