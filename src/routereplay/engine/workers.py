@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import fields
 from datetime import timedelta
+from multiprocessing import connection as mp_connection
 
 import torch
 import torch.distributed as dist
@@ -37,11 +38,13 @@ def _init(rank: int, size: int, rendezvous: str, cuda: bool):
     return dist.new_group(backend="gloo", timeout=_TIMEOUT)
 
 
-def _worker_main(kwargs: dict, rank: int, size: int, rendezvous: str) -> None:
+def _worker_main(kwargs: dict, rank: int, size: int, rendezvous: str, ready) -> None:
     from routereplay.engine.model_runner import ModelRunner
 
     torch.set_num_threads(max(1, torch.get_num_threads() // size))
     config = EngineConfig(**kwargs)
+    ready.send(True)
+    ready.close()
     ctrl = _init(rank, size, rendezvous, config.device.startswith("cuda"))
     runner = ModelRunner(config, rank)
     while True:
@@ -68,16 +71,33 @@ class Workers:
         os.remove(self.rendezvous)  # the file store creates it
         kwargs = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, args=(kwargs, r, size, self.rendezvous), daemon=True)
-                      for r in range(1, size)]
+        pipes = [ctx.Pipe(duplex=False) for _ in range(1, size)]
+        self.procs = [ctx.Process(target=_worker_main, args=(kwargs, r, size, self.rendezvous, send), daemon=True)
+                      for r, (_, send) in zip(range(1, size), pipes, strict=True)]
         for p in self.procs:
             p.start()
         try:
+            self._wait_until_started([recv for recv, _ in pipes])
             self.ctrl = _init(0, size, self.rendezvous, config.device.startswith("cuda"))
         except BaseException as e:
             codes = [p.exitcode for p in self.procs]
             self.close(graceful=False)
             raise RuntimeError(f"tensor-parallel workers did not join (exit codes {codes}): {e}") from e
+
+    def _wait_until_started(self, pipes: list) -> None:
+        """Fail at once, not after the rendezvous timeout, if a worker dies before it joins."""
+        waiting = dict(zip(pipes, self.procs, strict=True))
+        while waiting:
+            if not mp_connection.wait(list(waiting) + [p.sentinel for p in waiting.values()],
+                                      timeout=_TIMEOUT.total_seconds()):
+                raise TimeoutError(f"workers still starting after {_TIMEOUT.total_seconds():.0f} s")
+            for pipe, proc in list(waiting.items()):
+                if pipe.poll():
+                    del waiting[pipe]
+                elif not proc.is_alive():
+                    raise RuntimeError(
+                        f"worker {proc.name} exited with code {proc.exitcode} before joining (its traceback is "
+                        "above; a script that starts tensor-parallel workers needs `if __name__ == '__main__':`)")
 
     def send(self, msg: tuple) -> None:
         dist.broadcast_object_list([msg], src=0, group=self.ctrl)
