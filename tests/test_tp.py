@@ -18,9 +18,10 @@ def ckpt_root(tmp_path_factory):
 
 
 def _run(model_dir, tp, ps, sp, update=None):
-    # fp32 on GPUs too: this checks the sharding math, which must give the same argmax as TP=1
-    llm = LLM(model_dir, dtype="float32", max_model_len=256, block_size=8, tensor_parallel_size=tp,
-              routing_replay={"enable": True})
+    # fp32 on GPUs too: this checks the sharding math, which must give the same argmax as TP=1. A small
+    # pool and few graph sizes keep start-up short on a GPU (a tiny model would get millions of blocks).
+    llm = LLM(model_dir, dtype="float32", max_model_len=256, block_size=8, max_num_seqs=8, num_kv_blocks=256,
+              tensor_parallel_size=tp, routing_replay={"enable": True})
     try:
         if update is not None:
             llm.update_weights(update)
