@@ -19,6 +19,9 @@ from routereplay.models.loader import load_checkpoint, update_weights
 from routereplay.models.transformer import MoECausalLM
 
 CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
+# A tiny model on a large GPU would otherwise get tens of millions of blocks, and the block manager's
+# per-block bookkeeping would take minutes to build; 1M blocks are 16M cached tokens at block size 16.
+MAX_KV_BLOCKS = 1 << 20
 
 
 @dataclass(slots=True)
@@ -123,7 +126,7 @@ class ModelRunner:
         blocks = int(budget // per_block)
         if blocks < 1:
             raise RuntimeError("no GPU memory left for the KV cache: raise gpu_memory_utilization")
-        return blocks
+        return min(blocks, MAX_KV_BLOCKS)
 
     def _allocate_caches(self) -> None:
         mc, c = self.config.model_config, self.config
