@@ -85,6 +85,21 @@ def test_update_weights_under_tp(ckpt_root):
     assert [t for t, _ in one] != [t for t, _ in _run(d, 1, ps, sp)]
 
 
+def test_dead_worker_fails_the_next_step_and_close_cleans_up(ckpt_root):
+    import os
+    import signal
+
+    llm = LLM(tiny_checkpoint(ckpt_root, "qwen3_moe"), device="cpu", max_model_len=64, block_size=8,
+              num_kv_blocks=32, tensor_parallel_size=2)
+    worker = llm.engine.runner.workers.procs[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    with pytest.raises(RuntimeError, match=r"tensor-parallel worker\(s\) gone \(rank: exit code\) \{1: -9\}"):
+        llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.close()
+    assert not multiprocessing.active_children()
+
+
 _MORE_THAN_GPUS = max(2, torch.cuda.device_count() + 1)
 
 

@@ -100,7 +100,13 @@ class Workers:
                         "above; a script that starts tensor-parallel workers needs `if __name__ == '__main__':`)")
 
     def send(self, msg: tuple) -> None:
-        dist.broadcast_object_list([msg], src=0, group=self.ctrl)
+        try:
+            dist.broadcast_object_list([msg], src=0, group=self.ctrl)
+        except Exception as e:
+            gone = {rank: p.exitcode for rank, p in enumerate(self.procs, 1) if not p.is_alive()}
+            if not gone:
+                raise
+            raise RuntimeError(f"tensor-parallel worker(s) gone (rank: exit code) {gone}; close this LLM") from e
 
     def close(self, graceful: bool = True) -> None:
         if graceful and dist.is_initialized():
