@@ -31,11 +31,11 @@ case "${1:-single}" in
   single)
     step gpu_tests 240 python -m pytest -m gpu tests
     step throughput 240 python benchmarks/throughput.py --hf-new-tokens 4 --json "$out/throughput.json"
-    step mismatch 200 python benchmarks/mismatch.py
+    step mismatch 240 python benchmarks/mismatch.py
     ;;
   tp)
     step tp_tests 200 python -m pytest -x tests/test_tp.py
     step tp_bench 240 python benchmarks/tp.py --tp 2 --layers 4
-    [ "${2:-}" = "+mismatch" ] && step mismatch 200 python benchmarks/mismatch.py
+    [ "${2:-}" = "+mismatch" ] && step mismatch 240 python benchmarks/mismatch.py
     ;;
 esac

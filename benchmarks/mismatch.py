@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small widths and sizes: a CPU smoke check")
     parser.add_argument("--layers", type=int, default=None, help="MoE layers (default 4; 2 with --tiny)")
-    parser.add_argument("--prompts", type=int, default=None, help="rollouts (default 64; 4 with --tiny)")
+    parser.add_argument("--prompts", type=int, default=None, help="rollouts (default 256; 4 with --tiny)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64; 16 with --tiny)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 256; 16 with --tiny)")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per training forward (%(default)s)")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for name, full, tiny in (("layers", 4, 2), ("prompts", 64, 4), ("prompt_len", 64, 16), ("new_tokens", 256, 16)):
+    for name, full, tiny in (("layers", 4, 2), ("prompts", 256, 4), ("prompt_len", 64, 16), ("new_tokens", 256, 16)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
     if args.tiny:
@@ -164,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{widths['num_experts']} experts top-{widths['num_experts_per_tok']}, vocab {widths['vocab_size']}; "
           f"{args.prompts} rollouts x ({args.prompt_len} prompt + {args.new_tokens} new) tokens; rollouts: engine "
           f"bf16 on {args.device}, training: transformers {args.train_dtype}\n")
-    print("| training routing | k3 KL | F(2) | mean \\|dp\\| | max \\|dp\\| | router disagreement (pairs) "
+    print("| training routing | k3 KL | F(2) (tokens) | mean \\|dp\\| | max \\|dp\\| | router disagreement (pairs) "
           "| tokens differing in >= 1 layer | worst layer |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
-        print(f"| {name} | {r['k3']:.3e} | {r['f2']:.4f} | {r['mean_dp']:.2e} | {r['max_dp']:.4f} | {r['pairs']:.2%} "
-              f"| {r['tokens']:.2%} | {r['worst_layer']:.2%} |")
+        extreme = round(r["f2"] * r["n_resp"])
+        print(f"| {name} | {r['k3']:.3e} | {r['f2']:.2e} ({extreme}) | {r['mean_dp']:.2e} | {r['max_dp']:.2e} "
+              f"| {r['pairs']:.2%} | {r['tokens']:.2%} | {r['worst_layer']:.2%} |")
     first = next(iter(rows.values()))
     print(f"\n{first['n_resp']} generated tokens (KL, F, dp); {first['n_routed']} tokens with a rollout routing row "
           f"(disagreement)")
