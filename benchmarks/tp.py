@@ -1,6 +1,6 @@
 """Tensor parallelism on one host: TP=1 vs TP=N on the same random Qwen3-MoE checkpoint.
 
-Checks greedy tokens and routing agreement (bf16), then compares decode throughput.
+Checks greedy tokens and routing agreement (bf16 by default, --dtype float32), then compares throughput.
 
   python benchmarks/tp.py --tp 2 --layers 4
 """
@@ -31,8 +31,8 @@ def make_checkpoint(d: str, layers: int) -> str:
     return d
 
 
-def rollouts(d: str, tp: int, prompts: list[list[int]], new_tokens: int) -> tuple[list, float]:
-    llm = LLM(d, dtype="bfloat16", tensor_parallel_size=tp, routing_replay={"enable": True},
+def rollouts(d: str, tp: int, prompts: list[list[int]], new_tokens: int, dtype: str) -> tuple[list, float]:
+    llm = LLM(d, dtype=dtype, tensor_parallel_size=tp, routing_replay={"enable": True},
               max_num_seqs=len(prompts), max_model_len=1024, gpu_memory_utilization=0.8)
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_tokens=4), use_tqdm=False)
@@ -54,16 +54,17 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     d = make_checkpoint(tempfile.mkdtemp(), args.layers)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1000, 100000, (args.input_len,), generator=g).tolist() for _ in range(args.prompts)]
-    one, tps1 = rollouts(d, 1, prompts, args.new_tokens)
-    many, tpsn = rollouts(d, args.tp, prompts, args.new_tokens)
+    one, tps1 = rollouts(d, 1, prompts, args.new_tokens, args.dtype)
+    many, tpsn = rollouts(d, args.tp, prompts, args.new_tokens, args.dtype)
     same_seq = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(one, many, strict=True))
     dis = rollout_router_disagreement(one, many)  # rows compare only while both runs forwarded the same tokens
     gpu = torch.cuda.get_device_name()
-    print(f"\n## TP=1 vs TP={args.tp}, Qwen3-MoE shape with {args.layers} layers, bf16, {gpu}\n")
+    print(f"\n## TP=1 vs TP={args.tp}, Qwen3-MoE shape with {args.layers} layers, {args.dtype}, {gpu}\n")
     print(f"identical greedy sequences: {same_seq}/{len(one)}")
     print(f"routing agreement on identical prefixes: {1 - dis.pair_rate:.5f} of {dis.num_tokens} tokens x "
           f"{len(dis.per_layer)} layers (token, layer) sets; tokens with >= 1 layer differing: {dis.token_rate:.4%}")
