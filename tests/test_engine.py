@@ -1,5 +1,6 @@
 """The rollout engine on CPU, fp32: exact tokens against transformers and across scheduler paths."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +154,8 @@ def test_update_weights_rejects_bad_names_without_writing(qwen):
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(stop=["ok", ""]), "stop must be a list of non-empty strings"),
+        (dict(stop=[b"ok"]), "stop must be a list of non-empty strings"),
     ],
 )
 def test_bad_input_names_request_and_field(qwen, bad, field):
@@ -172,3 +175,26 @@ def test_string_prompts_use_the_checkpoint_tokenizer(qwen):
     out = llm.generate(["hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
     assert out.prompt_token_ids == llm.tokenizer("hello")["input_ids"]
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_stop_strings_end_the_completion_and_keep_routing_exact(qwen, tmp_path):
+    llm = LLM(qwen, max_model_len=256, routing_replay={"enable": True, "debug": True})
+    sp = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    free = llm.generate(["Hi"], SamplingParams(**sp), use_tqdm=False)[0].outputs[0]
+    stop = free.text[6:9]
+    start = free.text.find(stop)
+    dec = llm.tokenizer.decode
+    ends = next(k for k in range(1, 25) if stop in dec(free.token_ids[:k], skip_special_tokens=True))
+    out = llm.generate(["Hi"], SamplingParams(**sp, stop=["never-seen", stop]), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert (c.finish_reason, c.stop_reason, c.text) == ("stop", stop, free.text[:start])
+    assert c.token_ids == free.token_ids[:ends]  # up to the token completing the stop string
+    rows = len(out.prompt_token_ids) + len(c.token_ids) - 1
+    np.testing.assert_array_equal(c.routed_experts[:, 0, 0], np.arange(rows))  # debug rows: one per position
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        LLM(str(bare), max_model_len=64).generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(
+            stop=["x"]), use_tqdm=False)

@@ -207,6 +207,24 @@ def test_completion_stream_equals_nonstream(srv: Server, tok) -> None:
     np.testing.assert_array_equal(LocalStore(srv.store_dir).get("cmp-b"), routing)
 
 
+def test_stop_strings_cut_text_and_stream_holds_back(srv: Server, tok) -> None:
+    c = srv.client()
+    kw = dict(model=MODEL, prompt="Hello routing", max_tokens=16, temperature=0)
+    extra = {"ignore_eos": True, "return_routed_experts": True}
+    free = c.completions.create(**kw, extra_body=extra).choices[0]
+    stop = free.text[5:8]
+    start = free.text.find(stop)
+    ends = next(k for k in range(1, 17) if stop in tok.decode(free.token_ids[:k], skip_special_tokens=True))
+    ch = c.completions.create(**kw, stop=[stop, "never-seen"], extra_body=extra).choices[0]
+    assert ch.finish_reason == "stop" and ch.text == free.text[:start]
+    assert ch.token_ids == free.token_ids[:ends]  # the token completing the stop string stays
+    n = len(ch.prompt_token_ids) + len(ch.token_ids) - 1
+    np.testing.assert_array_equal(decode(ch.routed_experts), decode(free.routed_experts)[:n])
+    parts = [k.choices[0] for k in c.completions.create(**kw, stop=stop, stream=True, extra_body=extra)]
+    assert "".join(p.text for p in parts) == ch.text  # no piece of the stop string was streamed
+    assert sum((p.token_ids for p in parts), []) == ch.token_ids and parts[-1].finish_reason == "stop"
+
+
 def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:
     c = srv.client()
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
@@ -354,7 +372,8 @@ BAD = [
     ("top_p", CMP, {**GOOD, "top_p": 1.5}, 400, "top_p"),
     ("stop_token_ids", CMP, {**GOOD, "stop_token_ids": [VOCAB + 5]}, 400, "stop_token_ids"),
     ("empty-rollout_id", CMP, {**GOOD, "rollout_id": ""}, 400, "rollout_id"),
-    ("stop-strings", CMP, {**GOOD, "stop": ["\n"]}, 400, "stop"),
+    ("stop-empty-string", CMP, {**GOOD, "stop": ["ok", ""]}, 400, "stop"),
+    ("stop-not-strings", CMP, {**GOOD, "stop": [1]}, 400, "stop"),
     ("echo", CMP, {**GOOD, "echo": True}, 400, "echo"),
     ("presence_penalty", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                 "presence_penalty": 0.5}, 400, "presence_penalty"),

@@ -19,11 +19,18 @@ class SamplingParams:
     max_tokens: int = 16
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    # Stop strings (needs the model's tokenizer): the completion ends with the token that completes
+    # one; token_ids and routing keep that token, `text` ends before the string (as in vLLM).
+    stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = True
     return_routed_experts: bool | None = None  # None: the engine's routing_replay.return_routed_experts
     routed_experts_start: int = 0  # skip the first S rows (the client already holds them)
     rollout_id: str | None = None  # store key; defaults to the request id
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # vLLM accepts one string
+            self.stop = [self.stop]
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the field (the caller adds the request index)."""
@@ -37,6 +44,8 @@ class SamplingParams:
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
             ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in [0, {vocab_size})"),
+            ("stop", isinstance(self.stop, list) and all(isinstance(x, str) and x for x in self.stop),
+             "must be a list of non-empty strings"),
             ("routed_experts_start", isinstance(self.routed_experts_start, int) and self.routed_experts_start >= 0,
              "must be an integer >= 0"),
             ("rollout_id", self.rollout_id is None or _storable_key(self.rollout_id),
@@ -60,3 +69,15 @@ def _storable_key(key) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def cut_at_stop(text: str, stop: list[str], final: bool = True) -> str:
+    """The text a client sees: everything before the first stop string; while the completion still
+    runs (``final=False``), also without a tail that may yet grow into a stop string."""
+    cut = min((i for i in (text.find(x) for x in stop) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut]
+    if final:
+        return text
+    hold = max((k for x in stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+    return text[: len(text) - hold]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -11,7 +10,7 @@ from tqdm.auto import tqdm
 from routereplay.config import EngineConfig, RoutingReplayConfig
 from routereplay.engine.llm_engine import LLMEngine
 from routereplay.outputs import RequestOutput
-from routereplay.sampling_params import SamplingParams
+from routereplay.sampling_params import SamplingParams, cut_at_stop
 
 
 class LLM:
@@ -24,20 +23,13 @@ class LLM:
 
     def __init__(self, model: str, routing_replay: RoutingReplayConfig | dict | str | None = None, **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, routing_replay=routing_replay, **kwargs))
-        self._tokenizer = None
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.engine.config.model)
-        return self._tokenizer
-
-    @property
-    def has_tokenizer(self) -> bool:
-        d = self.engine.config.model
-        return any(os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        """The model directory's tokenizer (transformers ``AutoTokenizer``)."""
+        if self.engine.tokenizer is None:
+            raise ValueError(f"{self.engine.config.model} has no tokenizer: pass prompt_token_ids")
+        return self.engine.tokenizer
 
     def generate(
         self,
@@ -89,11 +81,13 @@ class LLM:
         return outputs
 
     def _finalize(self, outputs: Iterable[RequestOutput]) -> None:
-        detok = self.has_tokenizer
+        tokenizer = self.engine.tokenizer
         for out in outputs:
             for c in out.outputs:
-                if detok:
-                    c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                if tokenizer is not None:
+                    c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                    if c.stop_reason is not None:
+                        c.text = cut_at_stop(c.text, [c.stop_reason])
                 if c.store_future is not None:
                     err = c.store_future.exception()
                     c.routing_error = None if err is None else f"{type(err).__name__}: {err}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -36,6 +37,17 @@ class _Request:
     pending: list = field(default_factory=list)  # (output, host rows, event) awaiting the device copy
 
 
+def load_tokenizer(model_dir: str):
+    """transformers' tokenizer for the checkpoint, or None (logged) if it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    # Without its files transformers would build an empty tokenizer from config.json alone.
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        log.warning("no tokenizer in %s: token-id prompts only", model_dir)
+        return None
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -62,6 +74,16 @@ class LLMEngine:
 
             self.store_writer = StoreWriter(open_store(rr.store_url), max_queue=rr.store_queue_size)
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self._tokenizer = None
+        self._tokenizer_missing = False
+
+    @property
+    def tokenizer(self):
+        """The model directory's tokenizer (loaded on first use), or None if it has none."""
+        if self._tokenizer is None and not self._tokenizer_missing:
+            self._tokenizer = load_tokenizer(self.config.model)
+            self._tokenizer_missing = self._tokenizer is None
+        return self._tokenizer
 
     # ---- requests -------------------------------------------------------------------------------
     def validate(self, prompt_token_ids, params: SamplingParams) -> None:
@@ -70,6 +92,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         params.validate(mc.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer and {cfg.model} has none: use stop_token_ids")
         if not isinstance(prompt_token_ids, (list, tuple)) or len(prompt_token_ids) == 0:
             raise ValueError("prompt is empty")
         for i, t in enumerate(prompt_token_ids):
@@ -139,14 +163,27 @@ class LLMEngine:
         p = seq.params
         if (not p.ignore_eos and token in self.model_config.eos_token_ids) or token in p.stop_token_ids:
             return "stop"
+        if p.stop:
+            seq.stop_reason = self._stop_string(seq)
+            if seq.stop_reason is not None:
+                return "stop"
         if seq.num_generated >= p.max_tokens or len(seq) >= self.config.max_model_len:
             return "length"
         return None
 
+    def _stop_string(self, seq: Sequence) -> str | None:
+        """A stop string that ends in the newest token's text. Decoding only a tail of the output keeps
+        this O(1) per token; the tail spans more tokens than the longest stop string has characters
+        (a token decodes to at least one character, byte-fallback pieces to a replacement mark)."""
+        tail = seq.output_token_ids[-(max(map(len, seq.params.stop)) + 8) :]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return next((x for x in seq.params.stop if x in text), None)
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         req = self.requests[seq.request_id]
         out = CompletionOutput(seq.sample_index, seq.output_token_ids, list(seq.logprobs) if seq.params.logprobs
-                               else None, reason, routed_experts_start=seq.params.routed_experts_start)
+                               else None, reason, stop_reason=seq.stop_reason,
+                               routed_experts_start=seq.params.routed_experts_start)
         if self.config.routing_replay.enable and (req.want_routing or self.store_writer is not None):
             rows, event = self.runner.gather_routing(seq, 0, len(seq) - 1)
             req.pending.append((out, rows, event))

@@ -29,6 +29,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full, computed blocks
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | None = None  # the stop string that ended it
     waits_for: Sequence | None = None  # n > 1: later samples wait until sample 0's prompt is cached
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on admission (stats, tests)
 

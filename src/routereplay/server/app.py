@@ -39,10 +39,10 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routereplay.config import EngineConfig
-from routereplay.engine.llm_engine import LLMEngine
+from routereplay.engine.llm_engine import LLMEngine, load_tokenizer
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.routing import encode
-from routereplay.sampling_params import SamplingParams
+from routereplay.sampling_params import SamplingParams, cut_at_stop
 
 log = logging.getLogger("routereplay.server")
 
@@ -336,18 +336,8 @@ class _Service:
         self.runner = EngineThread(engine)
         self.model_name = served_model_name or engine.config.model
         self.aliases = {self.model_name, engine.config.model}
-        self.tokenizer = self._load_tokenizer(engine.config.model)
+        self.tokenizer = load_tokenizer(engine.config.model)  # its own: the engine thread uses the engine's
         self.created = int(time.time())
-
-    @staticmethod
-    def _load_tokenizer(model_dir: str) -> Any:
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(model_dir)
-        except Exception as e:  # no tokenizer files: token-id prompts still work
-            log.warning("no tokenizer in %s (%s): only token-id prompts are accepted", model_dir, e)
-            return None
 
     # -- shared pieces
     def check_model(self, model: str | None) -> None:
@@ -400,8 +390,9 @@ class _Service:
     def build_jobs(self, body: _Body, prompts: list[tuple[list[int], str | None]], want_lp: bool,
                    max_tokens: int | None, prompt_field: str, rid: str) -> list[_Job]:
         """Validate every prompt, then make the engine requests (nothing is queued on error)."""
-        if body.stop:
-            raise ApiError(400, "stop strings are not supported: use stop_token_ids", "stop")
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)):
+            raise ApiError(400, f"stop must be a non-empty string or a list of them, got {body.stop!r}", "stop")
         for name, default in _UNSUPPORTED.items():
             value = getattr(body, name, None)
             if not (value is None or value is False or value in ("", [], {})
@@ -424,6 +415,7 @@ class _Service:
                 max_tokens=16 if max_tokens is None else max_tokens,
                 seed=body.seed,
                 stop_token_ids=list(body.stop_token_ids or []),
+                stop=stop,
                 ignore_eos=body.ignore_eos,
                 logprobs=want_lp,
                 return_routed_experts=body.return_routed_experts,
@@ -511,6 +503,8 @@ class _Service:
         for j, out in enumerate(outs):
             for c in out.outputs:
                 text = self.decode(c.token_ids)
+                if c.stop_reason is not None:
+                    text = cut_at_stop(text, [c.stop_reason])
                 lp = self.logprobs_obj(chat, c.token_ids, c.logprobs or []) if want_lp else None
                 choice: dict[str, Any] = {"index": j * n + c.index}
                 if chat:
@@ -544,8 +538,11 @@ class _Service:
             choice.update(extra)
             return _sse({**self._head(rid, chat, True), "choices": [choice]})
 
+        stops = jobs[0].params.stop
+
         def text_delta(ci: int, final: bool) -> str:
-            full = self.decode(tokens[ci])
+            # Stop strings: cut at one, and hold back a tail that may still become one.
+            full = cut_at_stop(self.decode(tokens[ci]), stops, final)
             sent = texts[ci]
             # Hold back an incomplete UTF-8 character until its last byte arrives.
             if not full.startswith(sent) or (full.endswith("\ufffd") and not final):
