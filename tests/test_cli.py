@@ -1,5 +1,6 @@
 """`routereplay generate`: offline generation from the command line, routing reported and stored."""
 
+import ast
 import json
 
 import numpy as np
@@ -21,6 +22,16 @@ def test_generate_prints_text_and_routing_shape(qwen, capsys):
     assert out.count("completion: ") == 2
     # "hello" is 5 characters (one token each) + 5 generated -> 9 rows; 2 MoE layers of top-2
     assert "routed_experts: uint8[9, 2, 2]" in out and "routed_experts: uint8[7, 2, 2]" in out
+
+
+def test_generate_stop_string_ends_the_completion(qwen, capsys):
+    assert main(["generate", "--model", qwen, "--max-tokens", "12", "hello"]) == 0
+    free = capsys.readouterr().out
+    text = ast.literal_eval(free.split("completion: ")[1].split(" (")[0])  # the printed repr
+    stop = text[4:6]
+    assert main(["generate", "--model", qwen, "--max-tokens", "12", "--stop", stop, "hello"]) == 0
+    out = capsys.readouterr().out
+    assert f"completion: {text[: text.find(stop)]!r} (" in out and ", stop)" in out
 
 
 def test_generate_stores_routing_under_request_ids(qwen, tmp_path, capsys):

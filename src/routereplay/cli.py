@@ -72,6 +72,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--routing-replay", default='{"enable": true}', metavar="JSON",
                    help="routing capture config (default: %(default)s)")
     p.add_argument("--dtype", default="auto")
@@ -84,7 +85,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         llm = LLM(args.model, routing_replay=args.routing_replay, dtype=args.dtype)
-        sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+        sp = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
+                            stop=args.stop)
         outs = llm.generate(args.prompts, sp, use_tqdm=False)
     except ValueError as e:
         args.parser.error(str(e))
