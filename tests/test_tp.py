@@ -31,7 +31,7 @@ def _run(model_dir, tp, ps, sp, update=None):
     return [(o.outputs[0].token_ids, o.outputs[0].routed_experts) for o in outs]
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "ernie4_5_moe", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "ernie4_5_moe", "qwen2_moe", "gpt_oss"])
 def test_tp2_matches_tp1_tokens_and_routing(ckpt_root, model_type):
     d = tiny_checkpoint(ckpt_root, model_type)
     ps = prompts(6, seed=12)

@@ -75,10 +75,12 @@ def make_tiny_checkpoint(path: str, model_type: str = "qwen3_moe", seed: int = 0
     cfg = AutoConfig.for_model(model_type, **{**COMMON, **TINY_CONFIGS[model_type], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # random correction biases, so selection-only bias is actually exercised
+    with torch.no_grad():  # random biases, so selection-only and once-per-sum biases are actually exercised
         for name, buf in list(model.named_parameters()) + list(model.named_buffers()):
             if "e_score_correction_bias" in name:
                 buf.copy_(torch.rand_like(buf) * 0.1)
+            elif model_type == "gpt_oss" and name.endswith("bias"):  # transformers starts them at 0
+                buf.normal_(0.0, 0.1)
     model.save_pretrained(path)
     make_tokenizer(path)
     return path

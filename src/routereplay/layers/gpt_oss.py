@@ -17,12 +17,7 @@ from routereplay import kernels
 from routereplay.engine.context import get_context
 from routereplay.kernels.attention import _gather_slots
 from routereplay.layers.attention import Attention
-from routereplay.layers.parallel import TP
-
-
-def _no_tp(what: str) -> None:
-    if TP.size > 1:
-        raise NotImplementedError(f"gpt_oss {what}: tensor parallelism is not supported yet")
+from routereplay.layers.parallel import TP, all_reduce, mark
 
 
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
@@ -57,11 +52,10 @@ class GptOssAttention(Attention):
     """Attention with q/k/v/o biases, one learned sink logit per head and, on sliding layers, a window."""
 
     def __init__(self, hf_config, layer_idx: int) -> None:
-        _no_tp("attention")
         c = hf_config
         bias = getattr(c, "attention_bias", True)
         super().__init__(c, qkv_bias=bias, o_bias=bias, qk_norm=False, interleaved_rope=False)
-        self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        self.sinks = mark(nn.Parameter(torch.empty(self.num_heads)), 0)  # this rank's heads
         layer_types = getattr(c, "layer_types", None)
         sliding = layer_types is not None and layer_types[layer_idx] == "sliding_attention"
         self.window: int | None = c.sliding_window if sliding and c.sliding_window else None
@@ -143,16 +137,21 @@ class GptOssRouter(nn.Module):
 
 
 class GptOssExperts(nn.Module):
-    """Clamped SwiGLU experts with biases: ``(clamp(up) + 1) * g * sigmoid(alpha * g)``, g = clamp(gate, max)."""
+    """Clamped SwiGLU experts with biases: ``(clamp(up) + 1) * g * sigmoid(alpha * g)``, g = clamp(gate, max).
+
+    Tensor parallelism splits every expert's intermediate dimension, as for the other families; with
+    gate/up columns interleaved, a rank's slice is one contiguous run of columns. Rank 0 alone adds
+    the down-projection bias, so the all-reduce adds it once.
+    """
 
     def __init__(self, hf_config) -> None:
         super().__init__()
-        _no_tp("experts")
         c = hf_config
-        E, H, inter = c.num_local_experts, c.hidden_size, c.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * inter))  # columns: gate0, up0, gate1, up1, ...
-        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * inter))
-        self.down_proj = nn.Parameter(torch.empty(E, inter, H))
+        E, H, inter = c.num_local_experts, c.hidden_size, c.intermediate_size // TP.size
+        # columns: gate0, up0, gate1, up1, ...
+        self.gate_up_proj = mark(nn.Parameter(torch.empty(E, H, 2 * inter)), 2)
+        self.gate_up_proj_bias = mark(nn.Parameter(torch.empty(E, 2 * inter)), 1)
+        self.down_proj = mark(nn.Parameter(torch.empty(E, inter, H)), 1)
         self.down_proj_bias = nn.Parameter(torch.empty(E, H))
         self.alpha, self.limit = c.swiglu_alpha, c.swiglu_limit
 
@@ -161,14 +160,21 @@ class GptOssExperts(nn.Module):
         gate = gate_up[:, 0::2].clamp(max=self.limit)
         up = gate_up[:, 1::2].clamp(min=-self.limit, max=self.limit)
         act = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-        return act @ self.down_proj[e] + self.down_proj_bias[e]
+        y = act @ self.down_proj[e]
+        return y + self.down_proj_bias[e] if TP.rank == 0 else y
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Loop over the experts present; while a CUDA graph is captured (no host sync allowed), every
         expert runs on every token and unselected pairs get weight 0 (correct, slow for big batches)."""
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self._dense(x, ids, weights)
-        out = torch.zeros_like(x)
+            out = self._dense(x, ids, weights)
+        else:
+            out = self._sparse(x, ids, weights)
+        # partial sums in fp32 under tensor parallelism, rounded once (see RowParallelLinear)
+        return out if TP.size == 1 else all_reduce(out).to(x.dtype)
+
+    def _sparse(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape, dtype=x.dtype if TP.size == 1 else torch.float32, device=x.device)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
@@ -181,14 +187,14 @@ class GptOssExperts(nn.Module):
             start += cnt
             tok = pairs // k
             y = self.expert(e, x[tok]) * weights.reshape(-1)[pairs, None]
-            out.index_add_(0, tok, y.to(x.dtype))
+            out.index_add_(0, tok, y.to(out.dtype))
         return out
 
     def _dense(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         num_experts = self.gate_up_proj.shape[0]
         combine = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
         combine.scatter_(1, ids, weights.float())
-        out = torch.zeros_like(x)
+        out = torch.zeros(x.shape, dtype=x.dtype if TP.size == 1 else torch.float32, device=x.device)
         for e in range(num_experts):
-            out += (self.expert(e, x) * combine[:, e, None]).to(x.dtype)
+            out += (self.expert(e, x) * combine[:, e, None]).to(out.dtype)
         return out

@@ -3,7 +3,7 @@ biases; attention with q/k/v/o biases, learned per-head sinks and alternating sl
 
 The checkpoint's names and fused expert layout are transformers' runtime ones; the one difference is the router:
 transformers' `mlp.router` is our `mlp.gate` (SparseMoE's name for every family), renamed on load and sync.
-Tensor parallelism is not supported (the layers raise when TP > 1).
+Tensor parallelism splits heads (sinks included) and every expert's intermediate dimension.
 """
 
 from routereplay.layers.gpt_oss import GptOssAttention, GptOssExperts, GptOssRouter

@@ -45,12 +45,12 @@ def translate(model: nn.Module, name: str) -> tuple[str, tuple[int, str] | None]
 def _full_shape(name: str, target: torch.Tensor, shard) -> tuple[int, ...]:
     """The shape the source tensor must have: the unsharded (all ranks) shape of what it fills."""
     shape = list(target.shape)
-    if name.endswith("experts.gate_up_proj"):
+    if getattr(target, "tp_dim", None) is not None:  # marked where it is made (GPT-OSS experts too)
+        shape[target.tp_dim] *= TP.size
+    elif name.endswith("experts.gate_up_proj"):
         shape[1] *= TP.size
     elif name.endswith("experts.down_proj"):
         shape[2] *= TP.size
-    elif getattr(target, "tp_dim", None) is not None:
-        shape[target.tp_dim] *= TP.size
     if shard is None:
         return tuple(shape)
     _, part = shard
@@ -59,6 +59,10 @@ def _full_shape(name: str, target: torch.Tensor, shard) -> tuple[int, ...]:
 
 def _local(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(destination view in the parameter, this rank's slice of the source tensor)."""
+    dim = getattr(target, "tp_dim", None)
+    if dim is not None:  # marked where it is made (GPT-OSS experts too)
+        s, e = shard_range(target.shape[dim] * TP.size)
+        return target, tensor.narrow(dim, s, e - s)
     if name.endswith("experts.gate_up_proj"):
         inter = target.shape[1] // 2  # local rows of gate (and of up)
         s, e = shard_range(inter * TP.size)
@@ -73,11 +77,7 @@ def _local(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> tupl
         if shard is None:
             return target, tensor[:, :, s:e]
         return target[shard[0]], tensor[:, s:e]
-    dim = getattr(target, "tp_dim", None)
-    if dim is None or TP.size == 1:
-        return target, tensor
-    s, e = shard_range(target.shape[dim] * TP.size)
-    return target, tensor.narrow(dim, s, e - s)
+    return target, tensor
 
 
 def _check(model, items: Iterable[tuple[str, tuple[int, ...]]], where: str, strict: bool):
