@@ -85,6 +85,26 @@ def test_update_weights_under_tp(ckpt_root):
     assert [t for t, _ in one] != [t for t, _ in _run(d, 1, ps, sp)]
 
 
+def test_bad_update_under_tp_is_rejected_and_workers_keep_serving(ckpt_root):
+    d = tiny_checkpoint(ckpt_root, "qwen3_moe")
+    ps = prompts(3, seed=14)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(d, device="cpu", max_model_len=64, block_size=8, num_kv_blocks=64, tensor_parallel_size=2)
+    try:
+        before = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=ps, sampling_params=sp,
+                                                               use_tqdm=False)]
+        w = llm.engine.runner.model.model.norm.weight
+        with pytest.raises(ValueError, match="model.norm.weight"):
+            llm.update_weights({"model.norm.weight": torch.zeros(w.numel() + 1)})
+        with pytest.raises(ValueError, match="unexpected tensor 'nope'"):
+            llm.update_weights({"model.norm.weight": torch.zeros_like(w), "nope": torch.zeros(1)})
+        after = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=ps, sampling_params=sp,
+                                                              use_tqdm=False)]
+        assert after == before and all(p.is_alive() for p in llm.engine.runner.workers.procs)
+    finally:
+        llm.close()
+
+
 def test_dead_worker_fails_the_next_step_and_close_cleans_up(ckpt_root):
     import os
     import signal

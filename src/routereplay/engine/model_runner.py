@@ -15,7 +15,7 @@ from routereplay.engine.context import Context, reset_context, set_context
 from routereplay.engine.sequence import Sequence
 from routereplay.layers.parallel import TP
 from routereplay.layers.sampler import sample
-from routereplay.models.loader import load_checkpoint, update_weights
+from routereplay.models.loader import check_update, load_checkpoint, update_weights
 from routereplay.models.transformer import MoECausalLM
 
 CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
@@ -291,5 +291,7 @@ class ModelRunner:
     def update_weights(self, named_tensors) -> int:
         items = list(named_tensors)
         if self.workers is not None:
+            # Every rank checks the same names and (unsharded) shapes: fail here, before a worker sees them.
+            check_update(self.model, items)
             self.workers.send(("update_weights", [(n, t.detach().cpu()) for n, t in items]))
         return update_weights(self.model, items)

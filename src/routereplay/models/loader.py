@@ -160,13 +160,18 @@ def load_checkpoint(model: nn.Module, model_dir: str) -> None:
                 _copy(name, targets[name], shard, f.get_tensor(src))
 
 
+def check_update(model: nn.Module, items: list[tuple[str, torch.Tensor]]) -> list:
+    """Raise ValueError naming the first unknown name or wrong shape; nothing is written."""
+    return _check(model, [(n, tuple(t.shape)) for n, t in items], "update_weights", strict=False)
+
+
 def update_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     """In-place sync of any subset of weights (transformers runtime names or checkpoint names).
 
     Everything is validated first; then copied. Returns the number of tensors written.
     """
     items = list(named_tensors)
-    plan = _check(model, [(n, tuple(t.shape)) for n, t in items], "update_weights", strict=False)
+    plan = check_update(model, items)
     tensors = dict(items)
     targets = _targets(model)
     for src, name, shard in plan:
