@@ -22,6 +22,7 @@ CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not gi
 # A tiny model on a large GPU would otherwise get tens of millions of blocks, and the block manager's
 # per-block bookkeeping would take minutes to build; 1M blocks are 16M cached tokens at block size 16.
 MAX_KV_BLOCKS = 1 << 20
+WEIGHT_SYNC_CHUNK_BYTES = 1 << 30  # update_weights under TP: tensors received before they are written
 
 
 @dataclass(slots=True)
@@ -290,8 +291,27 @@ class ModelRunner:
 
     def update_weights(self, named_tensors) -> int:
         items = list(named_tensors)
-        if self.workers is not None:
-            # Every rank checks the same names and (unsharded) shapes: fail here, before a worker sees them.
-            check_update(self.model, items)
-            self.workers.send(("update_weights", [(n, t.detach().cpu()) for n, t in items]))
-        return update_weights(self.model, items)
+        if self.workers is None:
+            return update_weights(self.model, items)
+        # Every rank checks the same names and (unsharded) shapes: fail here, before a worker sees them.
+        check_update(self.model, items)
+        self.workers.send(("update_weights", [(n, tuple(t.shape), t.dtype) for n, t in items]))
+        return self.sync_weights([n for n, _ in items], [t for _, t in items])
+
+    def sync_weights(self, names: list[str], tensors: list) -> int:
+        """Every rank, under tensor parallelism: rank 0 broadcasts each tensor (NCCL on GPUs, gloo on
+        CPU) and every rank writes its shard, a chunk at a time, so no rank holds the model twice.
+        Rank 0 passes the tensors, the workers their (shape, dtype)."""
+        written, chunk, size = 0, [], 0
+        for i, (name, t) in enumerate(zip(names, tensors, strict=True)):
+            if isinstance(t, torch.Tensor):
+                buf = t.detach().to(self.device).contiguous()
+            else:
+                buf = torch.empty(t[0], dtype=t[1], device=self.device)
+            dist.broadcast(buf, src=0)
+            chunk.append((name, buf))
+            size += buf.numel() * buf.element_size()
+            if size >= WEIGHT_SYNC_CHUNK_BYTES or i == len(names) - 1:
+                written += update_weights(self.model, chunk)
+                chunk, size = [], 0
+        return written

@@ -20,7 +20,6 @@ import torch.multiprocessing as mp
 
 from routereplay.config import EngineConfig
 from routereplay.layers.parallel import TP
-from routereplay.models.loader import update_weights
 
 _TIMEOUT = timedelta(seconds=120)
 
@@ -54,7 +53,7 @@ def _worker_main(kwargs: dict, rank: int, size: int, rendezvous: str, ready) -> 
         if command == "run":
             runner.execute(payload)
         elif command == "update_weights":
-            update_weights(runner.model, payload)
+            runner.sync_weights([name for name, _, _ in payload], [(shape, dtype) for _, shape, dtype in payload])
         else:
             break
     runner.release_graphs()
