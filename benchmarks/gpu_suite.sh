@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks, several per device call (device time is scarce: start the machine once).
-#   bash benchmarks/gpu_suite.sh PART...   PART: tests | throughput | mismatch | tp (tp needs 2 GPUs)
+#   bash benchmarks/gpu_suite.sh PART...   PART: tests | throughput | mismatch | tp | sync (tp, sync: 2 GPUs)
 # Each part's time limit is below; keep one call's parts under the 600 s a device command may run,
-# e.g. `tp`, then `mismatch tests` on nvidia-h200-x2 (single-GPU parts run there too).
+# e.g. `tp`, then `mismatch tests sync` on nvidia-h200-x2 (single-GPU parts run there too).
 # Logs go to $OUT (or ./gpu_out); the last lines of each log are printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,7 @@ for part in "${@:-tests}"; do
       step tp_tests 180 python -m pytest -x tests/test_tp.py
       step tp_bench 180 python benchmarks/tp.py --tp 2 --layers 4
       step tp_bench_fp32 150 python benchmarks/tp.py --tp 2 --layers 4 --dtype float32 --prompts 32 --new-tokens 64 ;;
-    *) echo "unknown part $part (tests, throughput, mismatch, tp)"; exit 2 ;;
+    sync) step weight_sync 150 python benchmarks/weight_sync.py --tp 2 --layers 8 ;;  # needs 2 GPUs
+    *) echo "unknown part $part (tests, throughput, mismatch, tp, sync)"; exit 2 ;;
   esac
 done
