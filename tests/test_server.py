@@ -225,6 +225,32 @@ def test_stop_strings_cut_text_and_stream_holds_back(srv: Server, tok) -> None:
     assert sum((p.token_ids for p in parts), []) == ch.token_ids and parts[-1].finish_reason == "stop"
 
 
+def test_tensor_parallel_server_matches_and_stores(srv: Server, ckpt: str, tmp_path: Path) -> None:
+    """`serve --tensor-parallel-size 2` (gloo ranks on CPU): the same greedy tokens and routing as the
+    TP=1 server, routing stored, and the workers leave with the server."""
+    store_dir = tmp_path / "store"
+    rr = {"enable": True, "store": "local", "local_store_dir": str(store_dir)}
+    tp = Server(ckpt, tmp_path / "tp.log", "--routing-replay", json.dumps(rr), "--tensor-parallel-size", "2",
+                "--device", "cpu", "--num-kv-blocks", "64")
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    workers = [int(line.split()[0]) for line in ps if int(line.split()[1]) == tp.proc.pid and "spawn_main" in line]
+    try:
+        assert len(workers) == 1, ps
+        kw = dict(model=MODEL, prompt="Hello routing", max_tokens=8, temperature=0)
+        extra = {"ignore_eos": True, "return_routed_experts": True, "rollout_id": "tp-a"}
+        one = srv.client().completions.create(**kw, extra_body=extra).choices[0]
+        two = tp.client().completions.create(**kw, extra_body=extra).choices[0]
+        assert two.token_ids == one.token_ids and two.text == one.text
+        np.testing.assert_array_equal(np.sort(decode(two.routed_experts), -1), np.sort(decode(one.routed_experts), -1))
+        np.testing.assert_array_equal(LocalStore(str(store_dir)).get("tp-a"), decode(two.routed_experts))
+    finally:
+        tp.stop_gracefully()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker exits on the server's close; its zombie is reaped by init
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a tensor-parallel worker outlived the server"
+
+
 def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:
     c = srv.client()
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]

@@ -38,6 +38,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16" + d)
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests" + d)
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cuda | cpu" + d)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) on this host" + d)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use" + d)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -55,6 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, dtype=args.dtype, seed=args.seed,
             enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+            device=args.device,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         )
     except (ValueError, TypeError) as e:
