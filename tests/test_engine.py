@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from routereplay import LLM, SamplingParams
+from routereplay.sampling_params import cut_at_stop
 from tests.helpers import FAMILIES, assert_logprobs_match_full_forward, tiny_checkpoint
 
 
@@ -177,6 +178,14 @@ def test_string_prompts_use_the_checkpoint_tokenizer(qwen):
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
+def test_cut_at_stop_earliest_string_and_held_back_prefixes():
+    assert cut_at_stop("ab</a>cd", ["cd", "</a>"]) == "ab"  # the earliest occurrence wins
+    assert cut_at_stop("xx cd </a>", ["</a>", "cd"], include=True) == "xx cd"
+    assert cut_at_stop("abc</", ["</a>"], final=False) == "abc"  # "</" may still become "</a>"
+    assert cut_at_stop("abc</", ["</a>"]) == "abc</"  # finished for another reason: nothing held back
+    assert cut_at_stop("abc<<", ["<<x", "<x"], final=False) == "abc"  # the longest possible prefix is held
+
+
 def test_stop_strings_end_the_completion_and_keep_routing_exact(qwen, tmp_path):
     llm = LLM(qwen, max_model_len=256, routing_replay={"enable": True, "debug": True})
     sp = dict(temperature=0, max_tokens=24, ignore_eos=True)
@@ -189,6 +198,8 @@ def test_stop_strings_end_the_completion_and_keep_routing_exact(qwen, tmp_path):
     c = out.outputs[0]
     assert (c.finish_reason, c.stop_reason, c.text) == ("stop", stop, free.text[:start])
     assert c.token_ids == free.token_ids[:ends]  # up to the token completing the stop string
+    kept = llm.generate(["Hi"], SamplingParams(**sp, stop=stop, include_stop_str_in_output=True), use_tqdm=False)
+    assert kept[0].outputs[0].text == free.text[: start + len(stop)] and kept[0].outputs[0].token_ids == c.token_ids
     rows = len(out.prompt_token_ids) + len(c.token_ids) - 1
     np.testing.assert_array_equal(c.routed_experts[:, 0, 0], np.arange(rows))  # debug rows: one per position
     import shutil

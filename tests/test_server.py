@@ -223,6 +223,10 @@ def test_stop_strings_cut_text_and_stream_holds_back(srv: Server, tok) -> None:
     parts = [k.choices[0] for k in c.completions.create(**kw, stop=stop, stream=True, extra_body=extra)]
     assert "".join(p.text for p in parts) == ch.text  # no piece of the stop string was streamed
     assert sum((p.token_ids for p in parts), []) == ch.token_ids and parts[-1].finish_reason == "stop"
+    kept = {**extra, "include_stop_str_in_output": True}
+    assert c.completions.create(**kw, stop=stop, extra_body=kept).choices[0].text == free.text[: start + len(stop)]
+    parts = [k.choices[0] for k in c.completions.create(**kw, stop=stop, stream=True, extra_body=kept)]
+    assert "".join(p.text for p in parts) == free.text[: start + len(stop)]
 
 
 def test_tensor_parallel_server_matches_and_stores(srv: Server, ckpt: str, tmp_path: Path) -> None:

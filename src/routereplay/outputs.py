@@ -15,7 +15,8 @@ class CompletionOutput:
     logprobs: list[float] | None
     finish_reason: str
     text: str | None = None
-    stop_reason: str | None = None  # the stop string that ended the completion (`text` ends before it)
+    stop_reason: str | None = None  # the stop string that ended the completion (`text` ends before it,
+    # or with it when include_stop_str_in_output)
     # [n_tokens - 1 - routed_experts_start, num_moe_layers, top_k]: row t = experts used when token
     # (routed_experts_start + t) was forwarded, prompt tokens included.
     routed_experts: np.ndarray | None = None

@@ -22,6 +22,7 @@ class SamplingParams:
     # Stop strings (needs the model's tokenizer): the completion ends with the token that completes
     # one; token_ids and routing keep that token, `text` ends before the string (as in vLLM).
     stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # keep the stop string at the end of `text`
     ignore_eos: bool = False
     logprobs: bool = True
     return_routed_experts: bool | None = None  # None: the engine's routing_replay.return_routed_experts
@@ -71,12 +72,14 @@ def _storable_key(key) -> bool:
     return True
 
 
-def cut_at_stop(text: str, stop: list[str], final: bool = True) -> str:
-    """The text a client sees: everything before the first stop string; while the completion still
-    runs (``final=False``), also without a tail that may yet grow into a stop string."""
-    cut = min((i for i in (text.find(x) for x in stop) if i >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut]
+def cut_at_stop(text: str, stop: list[str], final: bool = True, include: bool = False) -> str:
+    """The text a client sees: everything before the first stop string (through it with ``include``);
+    while the completion still runs (``final=False``), also without a tail that may yet grow into a
+    stop string."""
+    found = [(i, x) for x in stop if (i := text.find(x)) >= 0]
+    if found:
+        start, hit = min(found)
+        return text[: start + (len(hit) if include else 0)]
     if final:
         return text
     hold = max((k for x in stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)

@@ -77,17 +77,17 @@ class LLM:
         finally:
             bar.close()
         outputs = [results[r] for r in request_ids]
-        self._finalize(outputs)
+        self._finalize(outputs, params)
         return outputs
 
-    def _finalize(self, outputs: Iterable[RequestOutput]) -> None:
+    def _finalize(self, outputs: Iterable[RequestOutput], params: list[SamplingParams]) -> None:
         tokenizer = self.engine.tokenizer
-        for out in outputs:
+        for out, sp in zip(outputs, params, strict=True):
             for c in out.outputs:
                 if tokenizer is not None:
                     c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
                     if c.stop_reason is not None:
-                        c.text = cut_at_stop(c.text, [c.stop_reason])
+                        c.text = cut_at_stop(c.text, [c.stop_reason], include=sp.include_stop_str_in_output)
                 if c.store_future is not None:
                     err = c.store_future.exception()
                     c.routing_error = None if err is None else f"{type(err).__name__}: {err}"

@@ -129,6 +129,7 @@ class _Body(BaseModel):
     tools: Any = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -416,6 +417,7 @@ class _Service:
                 seed=body.seed,
                 stop_token_ids=list(body.stop_token_ids or []),
                 stop=stop,
+                include_stop_str_in_output=body.include_stop_str_in_output,
                 ignore_eos=body.ignore_eos,
                 logprobs=want_lp,
                 return_routed_experts=body.return_routed_experts,
@@ -504,7 +506,7 @@ class _Service:
             for c in out.outputs:
                 text = self.decode(c.token_ids)
                 if c.stop_reason is not None:
-                    text = cut_at_stop(text, [c.stop_reason])
+                    text = cut_at_stop(text, [c.stop_reason], include=jobs[0].params.include_stop_str_in_output)
                 lp = self.logprobs_obj(chat, c.token_ids, c.logprobs or []) if want_lp else None
                 choice: dict[str, Any] = {"index": j * n + c.index}
                 if chat:
@@ -538,11 +540,11 @@ class _Service:
             choice.update(extra)
             return _sse({**self._head(rid, chat, True), "choices": [choice]})
 
-        stops = jobs[0].params.stop
+        stops, include = jobs[0].params.stop, jobs[0].params.include_stop_str_in_output
 
         def text_delta(ci: int, final: bool) -> str:
             # Stop strings: cut at one, and hold back a tail that may still become one.
-            full = cut_at_stop(self.decode(tokens[ci]), stops, final)
+            full = cut_at_stop(self.decode(tokens[ci]), stops, final, include)
             sent = texts[ci]
             # Hold back an incomplete UTF-8 character until its last byte arrives.
             if not full.startswith(sent) or (full.endswith("\ufffd") and not final):
