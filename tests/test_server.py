@@ -255,6 +255,13 @@ def test_tensor_parallel_server_matches_and_stores(srv: Server, ckpt: str, tmp_p
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a tensor-parallel worker outlived the server"
 
 
+def test_chat_without_max_tokens_runs_to_the_context_limit(srv: Server) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    ch = srv.client().chat.completions.create(model=MODEL, messages=msgs, temperature=0,
+                                              extra_body={"ignore_eos": True}).choices[0]
+    assert ch.finish_reason == "length" and len(ch.prompt_token_ids) + len(ch.token_ids) == MAX_MODEL_LEN
+
+
 def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:
     c = srv.client()
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]

@@ -408,12 +408,15 @@ class _Service:
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
         for j, (ids, text) in enumerate(prompts):
+            limit = max_tokens
+            if limit is None:  # as OpenAI / vLLM: 16 for completions, the rest of the context for chat
+                limit = max(1, self.engine.config.max_model_len - len(ids)) if prompt_field == "messages" else 16
             params = SamplingParams(
                 n=body.n,
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
                 top_k=-1 if body.top_k is None else body.top_k,
-                max_tokens=16 if max_tokens is None else max_tokens,
+                max_tokens=limit,
                 seed=body.seed,
                 stop_token_ids=list(body.stop_token_ids or []),
                 stop=stop,
