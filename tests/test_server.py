@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from openai import BadRequestError, NotFoundError, OpenAI
 
 from routereplay.routing import decode
@@ -260,6 +261,42 @@ def test_chat_without_max_tokens_runs_to_the_context_limit(srv: Server) -> None:
     ch = srv.client().chat.completions.create(model=MODEL, messages=msgs, temperature=0,
                                               extra_body={"ignore_eos": True}).choices[0]
     assert ch.finish_reason == "length" and len(ch.prompt_token_ids) + len(ch.token_ids) == MAX_MODEL_LEN
+
+
+def test_update_weights_from_disk(srv: Server, ckpt: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from routereplay import LLM, SamplingParams
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "step1")
+    other = make_tiny_checkpoint(str(tmp_path / "other"), "mixtral")  # other names and shapes
+    prompt = [5, 6, 7, 8, 9]
+
+    def greedy() -> list[int]:
+        return srv.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].token_ids
+
+    before = greedy()
+    r = srv.post("/update_weights_from_disk", {"model_path": str(tmp_path / "step1")})
+    assert r.status_code == 200 and r.json()["success"] and r.json()["num_tensors"] > 0, r.text
+    after = greedy()
+    offline = LLM(str(tmp_path / "step1"), max_model_len=MAX_MODEL_LEN, block_size=8)
+    expect = offline.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    offline.close()
+    assert after == expect and after != before
+    for body, message in [({"model_path": str(tmp_path / "missing")}, "is not a directory"),
+                          ({"model_path": other}, "update_weights"), ({"model_path": 3}, "model_path")]:
+        r = srv.post("/update_weights_from_disk", body)
+        assert r.status_code in (400, 422) and r.json()["error"]["param"] == "model_path", r.text
+        assert message in r.json()["error"]["message"]
+        assert greedy() == after  # nothing was written
+    assert srv.post("/update_weights_from_disk", {"model_path": ckpt}).status_code == 200
+    assert greedy() == before
 
 
 def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:

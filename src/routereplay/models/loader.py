@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -158,6 +158,14 @@ def load_checkpoint(model: nn.Module, model_dir: str) -> None:
         with safe_open(path, "pt") as f:
             for src, name, shard in entries:
                 _copy(name, targets[name], shard, f.get_tensor(src))
+
+
+def checkpoint_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a safetensors checkpoint directory, by name (for update_weights)."""
+    for path in checkpoint_files(model_dir):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
 
 
 def check_update(model: nn.Module, items: list[tuple[str, torch.Tensor]]) -> list:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import re
 import threading
@@ -40,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routereplay.config import EngineConfig
 from routereplay.engine.llm_engine import LLMEngine, load_tokenizer
+from routereplay.models.loader import checkpoint_tensors
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.routing import encode
 from routereplay.sampling_params import SamplingParams, cut_at_stop
@@ -158,6 +160,12 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = None
 
 
+class UpdateWeightsBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+
+    model_path: str  # a checkpoint directory (safetensors, transformers names), e.g. the trainer's save
+
+
 
 _UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "presence_penalty": 0,
                 "frequency_penalty": 0, "tools": 0}  # field -> the numeric value that means "off"
@@ -220,6 +228,10 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def update_weights(self, model_dir: str, done) -> None:
+        """Load a checkpoint's tensors into the engine between two steps; ``done(count, error)``."""
+        self._inbox.put(("update", (model_dir, done)))
+
     def stop(self, timeout: float | None = None) -> None:
         """Fail what is still in flight and end the thread (the caller closes the engine)."""
         if self._thread.is_alive():
@@ -258,6 +270,14 @@ class EngineThread:
                     self._add(arg)
                 elif kind == "abort" and self._jobs.pop(arg, None) is not None:
                     engine.abort(arg)
+                elif kind == "update":
+                    model_dir, done = arg
+                    try:
+                        count = engine.update_weights(checkpoint_tensors(model_dir))
+                    except Exception as e:  # checked before anything is written: the old weights stay
+                        done(None, f"{type(e).__name__}: {e}")
+                    else:
+                        done(count, None)
             if engine.has_unfinished():
                 try:
                     finished = engine.step()
@@ -622,6 +642,22 @@ class _Service:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await self.run(body, prompts, chat=True, want_lp=bool(body.logprobs), max_tokens=max_tokens)
 
+    async def update_weights_from_disk(self, body: UpdateWeightsBody) -> dict[str, Any]:
+        """Sync weights from a checkpoint directory between two engine steps. Requests in flight keep
+        going with the new weights from the next step on: pause sampling first to keep a rollout
+        on one policy. The prefix cache is dropped (it was computed with the old weights)."""
+        self.check_alive()
+        if not os.path.isdir(body.model_path):
+            raise ApiError(400, f"model_path {body.model_path!r} is not a directory", "model_path")
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future = loop.create_future()
+        self.runner.update_weights(body.model_path,
+                                   lambda n, err: loop.call_soon_threadsafe(result.set_result, (n, err)))
+        count, error = await result
+        if error is not None:
+            raise ApiError(400, f"update_weights_from_disk: {error}", "model_path")
+        return {"success": True, "num_tensors": count}
+
     def models(self) -> dict[str, Any]:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "routereplay",
                 "root": self.engine.config.model, "max_model_len": self.engine.config.max_model_len}
@@ -693,6 +729,10 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody) -> Any:
         return await svc.chat(body)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(body: UpdateWeightsBody) -> dict[str, Any]:
+        return await svc.update_weights_from_disk(body)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
