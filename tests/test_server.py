@@ -299,6 +299,46 @@ def test_update_weights_from_disk(srv: Server, ckpt: str, tmp_path: Path) -> Non
     assert greedy() == before
 
 
+def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Server, ckpt: str,
+                                                                      tmp_path: Path) -> None:
+    """The RL service loop: pause, queue a rollout, sync weights, continue: the rollout is generated entirely
+    by the new weights (its tokens equal offline generation on the saved checkpoint)."""
+    import concurrent.futures
+
+    from transformers import AutoModelForCausalLM
+
+    from routereplay import LLM, SamplingParams
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "step2")
+    prompt = [9, 8, 7, 6]
+    assert srv.post("/pause_generation").json() == {"paused": True}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(srv.client().completions.create, model=MODEL, prompt=prompt, max_tokens=8,
+                                  temperature=0, extra_body={"ignore_eos": True})
+            deadline = time.monotonic() + 30
+            while srv.metrics()["routereplay_queue_depth"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)  # until the engine thread holds the request (it cannot step: paused)
+            metrics = srv.metrics()
+            assert metrics["routereplay_queue_depth"] == 1 and metrics["routereplay_paused"] == 1
+            assert not pending.done()
+            assert srv.post("/update_weights_from_disk", {"model_path": str(tmp_path / "step2")}).status_code == 200
+            assert srv.post("/continue_generation").json() == {"paused": False}
+            tokens = pending.result(timeout=60).choices[0].token_ids
+    finally:
+        srv.post("/continue_generation")
+        srv.post("/update_weights_from_disk", {"model_path": ckpt})
+    offline = LLM(str(tmp_path / "step2"), max_model_len=MAX_MODEL_LEN, block_size=8)
+    expect = offline.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    offline.close()
+    assert tokens == expect
+
+
 def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:
     c = srv.client()
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]

@@ -210,6 +210,7 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="routereplay-engine", daemon=True)
         self.failed: str | None = None
         self.pending = 0  # submitted, not yet taken by the engine thread
+        self.paused = False  # written by the engine thread only: no step runs while set
         self._pending_lock = threading.Lock()
         self.snapshot: dict[str, int] = self._take_snapshot()
 
@@ -227,6 +228,10 @@ class EngineThread:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def set_paused(self, paused: bool, done) -> None:
+        """Hold (or resume) stepping; ``done()`` runs once no step is in progress any more."""
+        self._inbox.put(("pause", (paused, done)))
 
     def update_weights(self, model_dir: str, done) -> None:
         """Load a checkpoint's tensors into the engine between two steps; ``done(count, error)``."""
@@ -254,7 +259,7 @@ class EngineThread:
         engine = self.engine
         while True:
             # Idle: block on the inbox. Busy: take whatever arrived and step again.
-            cmds = [] if engine.has_unfinished() else [self._inbox.get()]
+            cmds = [] if engine.has_unfinished() and not self.paused else [self._inbox.get()]
             while True:
                 try:
                     cmds.append(self._inbox.get_nowait())
@@ -270,6 +275,9 @@ class EngineThread:
                     self._add(arg)
                 elif kind == "abort" and self._jobs.pop(arg, None) is not None:
                     engine.abort(arg)
+                elif kind == "pause":
+                    self.paused, done = arg
+                    done()
                 elif kind == "update":
                     model_dir, done = arg
                     try:
@@ -278,7 +286,7 @@ class EngineThread:
                         done(None, f"{type(e).__name__}: {e}")
                     else:
                         done(count, None)
-            if engine.has_unfinished():
+            if engine.has_unfinished() and not self.paused:
                 try:
                     finished = engine.step()
                 except Exception as e:
@@ -642,6 +650,17 @@ class _Service:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await self.run(body, prompts, chat=True, want_lp=bool(body.logprobs), max_tokens=max_tokens)
 
+    async def set_paused(self, paused: bool) -> dict[str, Any]:
+        """While paused, requests are accepted and queued but no engine step runs. Returns once the step in
+        progress, if any, has finished. A request that had started before the pause continues on whatever
+        weights a sync in between installs: finish or abort those first to keep each rollout on one policy."""
+        self.check_alive()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self.runner.set_paused(paused, lambda: loop.call_soon_threadsafe(done.set_result, None))
+        await done
+        return {"paused": paused}
+
     async def update_weights_from_disk(self, body: UpdateWeightsBody) -> dict[str, Any]:
         """Sync weights from a checkpoint directory between two engine steps. Requests in flight keep
         going with the new weights from the next step on: pause sampling first to keep a rollout
@@ -674,6 +693,8 @@ class _Service:
             ("routereplay_generation_tokens_total", "counter", "Tokens generated.", snap["generation_tokens"]),
             ("routereplay_queue_depth", "gauge", "Sequences waiting or running in the engine, plus requests "
              "not yet taken by the engine thread.", snap["waiting"] + snap["running"] + self.runner.pending),
+            ("routereplay_paused", "gauge", "1 while generation is paused (/pause_generation).",
+             int(self.runner.paused)),
             ("routereplay_store_queue_depth", "gauge", "Routing store writes accepted and not finished.",
              writer.queue_depth if writer else 0),
             ("routereplay_store_written_total", "counter", "Routing store writes that succeeded.",
@@ -729,6 +750,14 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody) -> Any:
         return await svc.chat(body)
+
+    @app.post("/pause_generation")
+    async def pause_generation() -> dict[str, Any]:
+        return await svc.set_paused(True)
+
+    @app.post("/continue_generation")
+    async def continue_generation() -> dict[str, Any]:
+        return await svc.set_paused(False)
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(body: UpdateWeightsBody) -> dict[str, Any]:
