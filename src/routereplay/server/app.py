@@ -254,6 +254,7 @@ class EngineThread:
             self.failed = f"engine thread died: {type(e).__name__}: {e}"
             log.exception("engine thread died")
             self._fail_all(self.failed)
+            self._reject_queued([], self.failed)
 
     def _loop(self) -> None:
         engine = self.engine
@@ -265,9 +266,9 @@ class EngineThread:
                     cmds.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            for kind, arg in cmds:
+            for i, (kind, arg) in enumerate(cmds):
                 if kind == "stop":
-                    self._shutdown()
+                    self._shutdown(cmds[i + 1 :])
                     return
                 if kind == "add":
                     with self._pending_lock:
@@ -329,17 +330,28 @@ class EngineThread:
             job.emit(("error", job.request_id, message))
         self._jobs.clear()
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, taken: list) -> None:
         for rid in list(self._jobs):
             self.engine.abort(rid)
         self._fail_all("the server is shutting down")
+        self._reject_queued(taken, "the server is shutting down")
+
+    def _reject_queued(self, taken: list, message: str) -> None:
+        """Answer every command not carried out (already taken from the inbox, or still in it)."""
         while True:
-            try:
-                kind, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+            if taken:
+                kind, arg = taken.pop(0)
+            else:
+                try:
+                    kind, arg = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
             if kind == "add":
-                arg.emit(("error", arg.request_id, "the server is shutting down"))
+                arg.emit(("error", arg.request_id, message))
+            elif kind == "update":
+                arg[1](None, message)
+            elif kind == "pause":
+                arg[1]()
 
 
 # ---- the service ----------------------------------------------------------------------------------------
