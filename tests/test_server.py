@@ -19,7 +19,7 @@ import pytest
 import torch
 from openai import BadRequestError, NotFoundError, OpenAI
 
-from routereplay.routing import decode
+from routereplay.routing import decode, from_sglang
 from routereplay.store import LocalStore, RedisStore
 from routereplay.tiny import make_tiny_checkpoint
 
@@ -337,6 +337,47 @@ def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Serv
         temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     offline.close()
     assert tokens == expect
+
+
+def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> None:
+    """SGLang's native /generate as slime calls it: the same tokens, log-probs and routing as /v1/completions."""
+    prompt = [5, 6, 7, 8, 9, 10]
+    ch = srv.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=1,
+                                         extra_body={"ignore_eos": True, "return_routed_experts": True}).choices[0]
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+            "return_logprob": True, "return_routed_experts": True, "rid": "gen-a"}
+    r = srv.post("/generate", body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    meta = got["meta_info"]
+    assert got["output_ids"] == ch.token_ids and got["text"] == ch.text
+    assert meta["finish_reason"] == {"type": "length", "length": 8} and meta["prompt_tokens"] == len(prompt)
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == ch.token_ids
+    np.testing.assert_allclose([lp for lp, _, _ in meta["output_token_logprobs"]], ch.logprobs.token_logprobs,
+                               atol=1e-5)
+    routing = from_sglang(meta["routed_experts"], L_MOE, TOP_K)
+    np.testing.assert_array_equal(routing, decode(ch.routed_experts))
+    np.testing.assert_array_equal(LocalStore(srv.store_dir).get("gen-a"), routing)
+    later = srv.post("/generate", {**body, "rid": "gen-b", "routed_experts_start_len": 3}).json()["meta_info"]
+    np.testing.assert_array_equal(from_sglang(later["routed_experts"], L_MOE, TOP_K), routing[3:])
+
+    text = srv.post("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 12, "temperature": 0,
+                                                                     "ignore_eos": True}}).json()["text"]
+    stop = text[3:5]
+    stopped = srv.post("/generate", {"text": "Hello", "sampling_params": {
+        "max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop]}}).json()
+    assert stopped["text"] == text[: text.find(stop)] and stopped["meta_info"]["finish_reason"] == {
+        "type": "stop", "matched": stop}
+    two = srv.post("/generate", {"input_ids": prompt, "sampling_params": {"n": 2, "max_new_tokens": 3}}).json()
+    assert isinstance(two, list) and len(two) == 2 and all(len(x["output_ids"]) <= 3 for x in two)
+
+    for bad, param in [({"sampling_params": {"frequency_penalty": 1.0}}, "sampling_params.frequency_penalty"),
+                       ({"sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
+                       ({"text": "hi"}, "text"), ({"stream": True}, "stream"),
+                       ({"routed_experts_start_len": 99}, "routed_experts_start_len"),
+                       ({"image_data": "x"}, "image_data")]:
+        r = srv.post("/generate", {"input_ids": prompt, **bad})
+        assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, (bad, r.text)
 
 
 def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:

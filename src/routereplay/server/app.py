@@ -20,6 +20,7 @@ counted, and reported in the choice's ``routing_error``; the request itself stil
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routereplay.config import EngineConfig
@@ -158,6 +159,27 @@ class ChatBody(_Body):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+
+
+class GenerateBody(BaseModel):
+    """SGLang's native ``/generate``, the subset RL frameworks use (slime's rollouts): one prompt, no stream."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    return_logprob: bool = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
+    rid: str | None = None  # also the routing store key
+    stream: bool = False
+
+
+# SGLang sampling parameter -> SamplingParams field
+_SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "n": "n", "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
+                    "no_stop_trim": "include_stop_str_in_output"}
 
 
 class UpdateWeightsBody(BaseModel):
@@ -662,6 +684,60 @@ class _Service:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await self.run(body, prompts, chat=True, want_lp=bool(body.logprobs), max_tokens=max_tokens)
 
+    async def generate(self, body: GenerateBody) -> dict[str, Any] | list[dict[str, Any]]:
+        """SGLang's ``/generate``: ``text`` or ``input_ids``, ``sampling_params`` with SGLang's names; routing
+        as SGLang returns it (``meta_info.routed_experts``: base64 of int32 ids, rows from
+        ``routed_experts_start_len``). A list comes back when ``sampling_params.n`` > 1."""
+        self.check_alive()
+        if body.stream:
+            raise ApiError(400, "stream is not supported on /generate: use /v1/completions", "stream")
+        if (body.text is None) == (body.input_ids is None):
+            raise ApiError(400, "give exactly one of text and input_ids", "text")
+        ids = self.tokenize(body.text, "text") if body.text is not None else list(body.input_ids)
+        kwargs: dict[str, Any] = {"max_tokens": 128}  # SGLang's default
+        for key, value in body.sampling_params.items():
+            if key not in _SGLANG_SAMPLING:
+                raise ApiError(400, f"sampling_params.{key} is not supported; supported: "
+                               f"{', '.join(_SGLANG_SAMPLING)}", f"sampling_params.{key}")
+            kwargs[_SGLANG_SAMPLING[key]] = value
+        rid = body.rid or f"gen-{uuid.uuid4().hex}"
+        try:
+            _check_key(rid, "rid")
+            params = SamplingParams(**kwargs, logprobs=body.return_logprob, rollout_id=rid,
+                                    return_routed_experts=body.return_routed_experts,
+                                    routed_experts_start=body.routed_experts_start_len)
+            self.engine.validate(ids, params)
+        except ValueError as e:
+            field = _engine_param(str(e), "input_ids")
+            names = {v: k for k, v in _SGLANG_SAMPLING.items()}
+            param = f"sampling_params.{names[field]}" if field in names else {
+                "routed_experts_start": "routed_experts_start_len", "rollout_id": "rid"}.get(field, field)
+            raise ApiError(400, str(e), param) from None
+        job = _Job(rid, ids, params, body.text, False, asyncio.get_running_loop(), asyncio.Queue())
+        self.runner.submit(job)
+        out = (await self._wait_all([job]))[rid]
+        await self.finish_routing(out.outputs)
+        results = []
+        for c in out.outputs:
+            text = self.decode(c.token_ids)
+            if c.stop_reason is not None:
+                text = cut_at_stop(text, [c.stop_reason], include=params.include_stop_str_in_output)
+            if c.finish_reason == "length":
+                finish = {"type": "length", "length": len(c.token_ids)}
+            else:
+                finish = {"type": "stop", "matched": c.stop_reason if c.stop_reason is not None else c.token_ids[-1]}
+            meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": len(ids),
+                                    "completion_tokens": len(c.token_ids), "cached_tokens": out.num_cached_tokens}
+            if body.return_logprob:
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+            if c.routed_experts is not None:
+                raw = c.routed_experts.astype("<i4").tobytes()
+                meta["routed_experts"] = base64.b64encode(raw).decode("ascii")
+            if self.engine.store_writer is not None:
+                meta.update(routing_key=c.routing_key, routing_error=c.routing_error)
+            results.append({"text": text, "output_ids": c.token_ids, "meta_info": meta})
+        return results[0] if len(results) == 1 else results
+
     async def set_paused(self, paused: bool) -> dict[str, Any]:
         """While paused, requests are accepted and queued but no engine step runs. Returns once the step in
         progress, if any, has finished. A request that had started before the pause continues on whatever
@@ -762,6 +838,10 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody) -> Any:
         return await svc.chat(body)
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody) -> Any:
+        return await svc.generate(body)
 
     @app.post("/pause_generation")
     async def pause_generation() -> dict[str, Any]:
