@@ -713,9 +713,10 @@ class _Service:
             param = f"sampling_params.{names[field]}" if field in names else {
                 "routed_experts_start": "routed_experts_start_len", "rollout_id": "rid"}.get(field, field)
             raise ApiError(400, str(e), param) from None
-        job = _Job(rid, ids, params, body.text, False, asyncio.get_running_loop(), asyncio.Queue())
+        job = _Job(f"gen-{uuid.uuid4().hex}", ids, params, body.text, False, asyncio.get_running_loop(),
+                   asyncio.Queue())  # the engine's id is unique; rid may repeat, like OpenAI's rollout_id
         self.runner.submit(job)
-        out = (await self._wait_all([job]))[rid]
+        out = (await self._wait_all([job]))[job.request_id]
         await self.finish_routing(out.outputs)
         results = []
         for c in out.outputs:
