@@ -30,3 +30,10 @@ def test_grpo_r3_trains_with_replay(tmp_path: Path) -> None:
     assert replay_kl < native_kl / 2  # replaying the rollout's experts removes most of the mismatch
     assert all(float(r[4].rstrip("%")) > 0 for r in rows)  # the trainer's own routers would differ
     assert (tmp_path / "grpo-r3-routing").is_dir()  # the routing went through the store
+
+
+def test_server_loop_syncs_weights_each_step(tmp_path: Path) -> None:
+    out = _run("server_loop.py", tmp_path)
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and all("4 rollouts" in line and "synced 91 tensors" in line for line in steps)
+    assert len(list((tmp_path / "server-loop-routing").glob("step*.npy"))) == 12  # 3 steps x 4 rollouts
