@@ -368,6 +368,11 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
         "max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "stop": [stop]}}).json()
     assert stopped["text"] == text[: text.find(stop)] and stopped["meta_info"]["finish_reason"] == {
         "type": "stop", "matched": stop}
+    long_prompt = {"input_ids": list(range(20, 60)), "sampling_params": {"max_new_tokens": 1}}
+    srv.post("/generate", long_prompt)
+    assert srv.post("/generate", long_prompt).json()["meta_info"]["cached_tokens"] >= 32  # 4 full blocks of 8
+    assert srv.post("/flush_cache").json() == {"success": True}
+    assert srv.post("/generate", long_prompt).json()["meta_info"]["cached_tokens"] == 0
     two = srv.post("/generate", {"input_ids": prompt, "sampling_params": {"n": 2, "max_new_tokens": 3}}).json()
     assert isinstance(two, list) and len(two) == 2 and all(len(x["output_ids"]) <= 3 for x in two)
 

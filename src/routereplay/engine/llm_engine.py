@@ -240,10 +240,14 @@ class LLMEngine:
     def update_weights(self, named_tensors) -> int:
         """In-place weight sync; cached prefixes were computed with the old weights, so drop them."""
         written = self.runner.update_weights(named_tensors)
+        self.reset_prefix_cache()
+        return written
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (running sequences keep their blocks)."""
         self.scheduler.blocks.cached.clear()
         for block in self.scheduler.blocks.blocks:
             block.hash, block.token_ids = None, ()
-        return written
 
     def close(self) -> None:
         if self.store_writer is not None:

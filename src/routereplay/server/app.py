@@ -251,6 +251,9 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def flush_cache(self, done) -> None:
+        self._inbox.put(("flush", done))
+
     def set_paused(self, paused: bool, done) -> None:
         """Hold (or resume) stepping; ``done()`` runs once no step is in progress any more."""
         self._inbox.put(("pause", (paused, done)))
@@ -301,6 +304,9 @@ class EngineThread:
                 elif kind == "pause":
                     self.paused, done = arg
                     done()
+                elif kind == "flush":
+                    engine.reset_prefix_cache()
+                    arg()
                 elif kind == "update":
                     model_dir, done = arg
                     try:
@@ -374,6 +380,8 @@ class EngineThread:
                 arg[1](None, message)
             elif kind == "pause":
                 arg[1]()
+            elif kind == "flush":
+                arg()
 
 
 # ---- the service ----------------------------------------------------------------------------------------
@@ -739,6 +747,15 @@ class _Service:
             results.append({"text": text, "output_ids": c.token_ids, "meta_info": meta})
         return results[0] if len(results) == 1 else results
 
+    async def flush_cache(self) -> dict[str, Any]:
+        """Drop the prefix cache (SGLang's /flush_cache), e.g. after weights changed outside this server."""
+        self.check_alive()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self.runner.flush_cache(lambda: loop.call_soon_threadsafe(done.set_result, None))
+        await done
+        return {"success": True}
+
     async def set_paused(self, paused: bool) -> dict[str, Any]:
         """While paused, requests are accepted and queued but no engine step runs. Returns once the step in
         progress, if any, has finished. A request that had started before the pause continues on whatever
@@ -843,6 +860,10 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     @app.post("/generate")
     async def generate(body: GenerateBody) -> Any:
         return await svc.generate(body)
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> dict[str, Any]:
+        return await svc.flush_cache()
 
     @app.post("/pause_generation")
     async def pause_generation() -> dict[str, Any]:
