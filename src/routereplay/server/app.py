@@ -1,7 +1,8 @@
 """OpenAI-compatible rollout server: FastAPI handlers on the event loop, one engine thread.
 
 Threads. Handlers (uvicorn's event loop) parse, tokenize, validate and format. ONE engine thread
-owns the LLMEngine, which is not thread-safe: it alone calls add_request / step / abort. Handlers
+owns the LLMEngine, which is not thread-safe: it alone calls add_request / step / abort, and runs
+the control calls (weight sync, cache flush, pause) between two steps. Handlers
 hand work over through a queue (the thread blocks on it when idle); the thread answers through
 ``loop.call_soon_threadsafe`` into one asyncio.Queue per HTTP request. Handlers do call
 ``engine.validate``: it only reads the engine's immutable configuration.
@@ -251,16 +252,9 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    def flush_cache(self, done) -> None:
-        self._inbox.put(("flush", done))
-
-    def set_paused(self, paused: bool, done) -> None:
-        """Hold (or resume) stepping; ``done()`` runs once no step is in progress any more."""
-        self._inbox.put(("pause", (paused, done)))
-
-    def update_weights(self, model_dir: str, done) -> None:
-        """Load a checkpoint's tensors into the engine between two steps; ``done(count, error)``."""
-        self._inbox.put(("update", (model_dir, done)))
+    def call(self, fn, done) -> None:
+        """Run ``fn(engine)`` on the engine thread between two steps; then ``done(result, error message)``."""
+        self._inbox.put(("call", (fn, done)))
 
     def stop(self, timeout: float | None = None) -> None:
         """Fail what is still in flight and end the thread (the caller closes the engine)."""
@@ -301,20 +295,14 @@ class EngineThread:
                     self._add(arg)
                 elif kind == "abort" and self._jobs.pop(arg, None) is not None:
                     engine.abort(arg)
-                elif kind == "pause":
-                    self.paused, done = arg
-                    done()
-                elif kind == "flush":
-                    engine.reset_prefix_cache()
-                    arg()
-                elif kind == "update":
-                    model_dir, done = arg
+                elif kind == "call":
+                    fn, done = arg
                     try:
-                        count = engine.update_weights(checkpoint_tensors(model_dir))
-                    except Exception as e:  # checked before anything is written: the old weights stay
+                        result = fn(engine)
+                    except Exception as e:
                         done(None, f"{type(e).__name__}: {e}")
                     else:
-                        done(count, None)
+                        done(result, None)
             if engine.has_unfinished() and not self.paused:
                 try:
                     finished = engine.step()
@@ -376,12 +364,8 @@ class EngineThread:
                     return
             if kind == "add":
                 arg.emit(("error", arg.request_id, message))
-            elif kind == "update":
+            elif kind == "call":
                 arg[1](None, message)
-            elif kind == "pause":
-                arg[1]()
-            elif kind == "flush":
-                arg()
 
 
 # ---- the service ----------------------------------------------------------------------------------------
@@ -747,24 +731,28 @@ class _Service:
             results.append({"text": text, "output_ids": c.token_ids, "meta_info": meta})
         return results[0] if len(results) == 1 else results
 
-    async def flush_cache(self) -> dict[str, Any]:
-        """Drop the prefix cache (SGLang's /flush_cache), e.g. after weights changed outside this server."""
+    async def on_engine_thread(self, fn) -> tuple[Any, str | None]:
+        """``fn(engine)`` run between two engine steps: (its result, None) or (None, the error)."""
         self.check_alive()
         loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        self.runner.flush_cache(lambda: loop.call_soon_threadsafe(done.set_result, None))
-        await done
+        result: asyncio.Future = loop.create_future()
+        self.runner.call(fn, lambda value, error: loop.call_soon_threadsafe(result.set_result, (value, error)))
+        return await result
+
+    async def flush_cache(self) -> dict[str, Any]:
+        """Drop the prefix cache (SGLang's /flush_cache), e.g. after weights changed outside this server."""
+        _, error = await self.on_engine_thread(lambda engine: engine.reset_prefix_cache())
+        if error is not None:
+            raise ApiError(503, error, type="server_error")
         return {"success": True}
 
     async def set_paused(self, paused: bool) -> dict[str, Any]:
         """While paused, requests are accepted and queued but no engine step runs. Returns once the step in
         progress, if any, has finished. A request that had started before the pause continues on whatever
         weights a sync in between installs: finish or abort those first to keep each rollout on one policy."""
-        self.check_alive()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        self.runner.set_paused(paused, lambda: loop.call_soon_threadsafe(done.set_result, None))
-        await done
+        _, error = await self.on_engine_thread(lambda engine: setattr(self.runner, "paused", paused))
+        if error is not None:
+            raise ApiError(503, error, type="server_error")
         return {"paused": paused}
 
     async def update_weights_from_disk(self, body: UpdateWeightsBody) -> dict[str, Any]:
@@ -774,11 +762,9 @@ class _Service:
         self.check_alive()
         if not os.path.isdir(body.model_path):
             raise ApiError(400, f"model_path {body.model_path!r} is not a directory", "model_path")
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future = loop.create_future()
-        self.runner.update_weights(body.model_path,
-                                   lambda n, err: loop.call_soon_threadsafe(result.set_result, (n, err)))
-        count, error = await result
+        # names and shapes are checked before anything is written: on an error the old weights stay
+        count, error = await self.on_engine_thread(
+            lambda engine: engine.update_weights(checkpoint_tensors(body.model_path)))
         if error is not None:
             raise ApiError(400, f"update_weights_from_disk: {error}", "model_path")
         return {"success": True, "num_tensors": count}
