@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from routereplay import LLM, SamplingParams
+from routereplay.tiny import TINY_CONFIGS
 from tests.helpers import tiny_checkpoint
 from tests.test_engine import prompts
 
@@ -42,3 +43,21 @@ def test_bf16_routing_rows_are_distinct_ids_under_graphs(qwen):
             r = np.sort(c.routed_experts, -1)
             assert r.shape[0] == len(o.prompt_token_ids) + len(c.token_ids) - 1
             assert (r < 8).all() and (r[..., 1:] != r[..., :-1]).all()
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_every_family_on_cuda_matches_cpu(tmp_path_factory, model_type):
+    """Each family's layers build and run on the GPU (buffers included) with the CPU's tokens and routing."""
+    d = tiny_checkpoint(str(tmp_path_factory.mktemp("families")), model_type)
+    ps = prompts(6, seed=3)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = []
+    for device in ("cpu", "cuda"):
+        llm = LLM(d, dtype="float32", device=device, max_model_len=256, block_size=8, max_num_seqs=8,
+                  num_kv_blocks=256, routing_replay={"enable": True})
+        runs.append(llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False))
+        llm.close()
+    for cpu, cuda in zip(*runs, strict=True):
+        assert cpu.outputs[0].token_ids == cuda.outputs[0].token_ids
+        np.testing.assert_array_equal(np.sort(cpu.outputs[0].routed_experts, -1),
+                                      np.sort(cuda.outputs[0].routed_experts, -1))

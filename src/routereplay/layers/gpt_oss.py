@@ -153,7 +153,8 @@ class GptOssExperts(nn.Module):
         self.gate_up_proj_bias = mark(nn.Parameter(torch.empty(E, 2 * inter)), 1)
         self.down_proj = mark(nn.Parameter(torch.empty(E, inter, H)), 1)
         self.down_proj_bias = nn.Parameter(torch.empty(E, H))
-        self.alpha, self.limit = c.swiglu_alpha, c.swiglu_limit
+        # configs written by transformers 5.17 lack both fields: its experts fixed them at 1.702 and 7.0
+        self.alpha, self.limit = getattr(c, "swiglu_alpha", 1.702), getattr(c, "swiglu_limit", 7.0)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]

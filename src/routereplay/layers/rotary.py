@@ -22,7 +22,7 @@ def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float, int]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     inv, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config, "cpu")
-    return inv.float(), float(scaling), rotary_dim
+    return inv.float().to(torch.get_default_device()), float(scaling), rotary_dim  # the model is built on its device
 
 
 class Rotary(nn.Module):
