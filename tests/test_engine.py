@@ -1,5 +1,7 @@
 """The rollout engine on CPU, fp32: exact tokens against transformers and across scheduler paths."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,29 @@ def test_logprobs_equal_full_forward_log_softmax(qwen):
     outs = llm.generate(prompt_token_ids=ps, sampling_params=SamplingParams(
         temperature=1.0, max_tokens=10, seed=0, ignore_eos=True), use_tqdm=False)
     assert_logprobs_match_full_forward(ref, ps, outs)
+
+
+def test_top_logprobs_vllm_style_and_truncated(qwen):
+    llm = LLM(qwen, max_model_len=256, block_size=8)
+    ps = prompts(3, seed=4)
+    greedy, top2, none = llm.generate(prompt_token_ids=ps, sampling_params=[
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3),  # vLLM: logprobs=N
+        SamplingParams(temperature=1.0, top_k=2, max_tokens=6, seed=1, ignore_eos=True, top_logprobs=5),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=None),
+    ], use_tqdm=False)
+    c = greedy.outputs[0]
+    assert len(c.top_logprobs) == len(c.token_ids) == 6
+    for token, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs, strict=True):
+        values = list(top.values())
+        assert len(top) == 3 and values == sorted(values, reverse=True)
+        assert next(iter(top)) == token and top[token] == pytest.approx(lp, abs=1e-5)
+    c = top2.outputs[0]
+    for token, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs, strict=True):
+        assert len(top) == 2 and token in top and top[token] == pytest.approx(lp, abs=1e-5)  # top-k 2: two tokens
+        assert sum(math.exp(x) for x in top.values()) == pytest.approx(1.0, abs=1e-5)
+    assert none.outputs[0].logprobs is None and none.outputs[0].top_logprobs is None
+    with pytest.raises(ValueError, match="top_logprobs must be an integer in"):
+        llm.generate(prompt_token_ids=ps[:1], sampling_params=SamplingParams(logprobs=21), use_tqdm=False)
 
 
 def test_update_weights_equals_loading_from_disk(qwen, tmp_path):

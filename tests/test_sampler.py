@@ -2,7 +2,7 @@
 
 import torch
 
-from routereplay.layers.sampler import counter_uniform, sample
+from routereplay.layers.sampler import counter_uniform, sample, top_logprobs
 
 
 def _args(s, v, temperature=1.0, top_k=-1, top_p=1.0, seed=0):
@@ -30,6 +30,26 @@ def test_untruncated_fast_path_equals_full_path():
     a = sample(logits, *args, truncate=True)
     b = sample(logits, *args, truncate=False)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-6)
+
+
+def test_top_logprobs_follow_the_distribution_sampled_from():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    temperature, top_k, top_p = torch.tensor([0.0, 0.7, 1.3]), torch.tensor([-1, 3, -1]), torch.tensor([1.0, 1.0, 0.9])
+    lps, ids = top_logprobs(logits, temperature, top_k, top_p, 5)
+    greedy = torch.log_softmax(logits[0], -1).topk(5)  # greedy: the plain log-softmax
+    assert torch.equal(ids[0], greedy.indices) and torch.allclose(lps[0], greedy.values)
+    top3 = logits[1].topk(3).indices  # top-k 3: renormalised over three tokens, -inf beyond
+    assert torch.equal(ids[1, :3], top3) and torch.allclose(lps[1, :3], torch.log_softmax(logits[1, top3] / 0.7, -1))
+    assert torch.isinf(lps[1, 3:]).all()
+    probs = torch.softmax(logits[2] / 1.3, -1).sort(descending=True).values  # top-p 0.9 over temperature 1.3
+    kept = int(((probs.cumsum(-1) - probs) < 0.9).sum())
+    assert torch.allclose(lps[2].exp()[: min(kept, 5)], probs[: min(kept, 5)] / probs[:kept].sum())
+    seed, pos = torch.zeros(3, dtype=torch.long), torch.arange(3)
+    tokens, chosen = sample(logits, temperature, top_k, top_p, seed, pos)
+    for r in range(3):  # the sampled token's log-prob is the same number in both places
+        hit = (ids[r] == tokens[r]).nonzero()
+        if len(hit):
+            assert torch.allclose(lps[r, hit[0, 0]], chosen[r], atol=1e-6)
 
 
 def test_counter_noise_is_a_function_of_seed_position_token():

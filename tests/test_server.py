@@ -380,9 +380,44 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
                        ({"sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
                        ({"text": "hi"}, "text"), ({"stream": True}, "stream"),
                        ({"routed_experts_start_len": 99}, "routed_experts_start_len"),
+                       ({"top_logprobs_num": 2}, "top_logprobs_num"),  # without return_logprob
                        ({"image_data": "x"}, "image_data")]:
         r = srv.post("/generate", {"input_ids": prompt, **bad})
         assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_top_logprobs_in_every_api_form(srv: Server, tok) -> None:
+    """OpenAI completions (logprobs=N), chat (top_logprobs=N), streamed and not, and SGLang's top_logprobs_num:
+    the same N tokens per position, most likely first, the sampled (greedy) token on top."""
+    c = srv.client()
+    kw = dict(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, temperature=0, logprobs=3,
+              extra_body={"ignore_eos": True})
+    ch = c.completions.create(**kw).choices[0]
+    tops = ch.logprobs.top_logprobs
+    assert len(tops) == 6
+    for s, lp, top in zip(ch.logprobs.tokens, ch.logprobs.token_logprobs, tops, strict=True):
+        # fewer than 3 keys when two tokens decode to one string (OpenAI's form is keyed by text)
+        assert 1 <= len(top) <= 3 and max(top, key=top.get) == s and top[s] == pytest.approx(lp, abs=1e-5)
+    streamed = sum((k.choices[0].logprobs.top_logprobs for k in c.completions.create(**kw, stream=True)
+                    if k.choices[0].logprobs), [])
+    assert [list(t) for t in streamed] == [list(t) for t in tops]
+    np.testing.assert_allclose([list(t.values()) for t in streamed], [list(t.values()) for t in tops], atol=1e-5)
+
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True,
+                                     top_logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    for entry in chat.logprobs.content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+
+    meta = srv.post("/generate", {"input_ids": [5, 6, 7, 8], "return_logprob": True, "top_logprobs_num": 3,
+                                  "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
+                    ).json()["meta_info"]
+    gen_tops = meta["output_top_logprobs"]
+    assert all(len(top) == 3 and len({t for _, t, _ in top}) == 3 for top in gen_tops)
+    assert [{tok.decode([t]): lp for lp, t, _ in top} for top in gen_tops] == [
+        pytest.approx(top, abs=1e-5) for top in tops]
 
 
 def test_chat_stream_equals_nonstream(srv: Server, tok) -> None:
@@ -535,6 +570,9 @@ BAD = [
     ("stop-empty-string", CMP, {**GOOD, "stop": ["ok", ""]}, 400, "stop"),
     ("stop-not-strings", CMP, {**GOOD, "stop": [1]}, 400, "stop"),
     ("echo", CMP, {**GOOD, "echo": True}, 400, "echo"),
+    ("logprobs-21", CMP, {**GOOD, "logprobs": 21}, 400, "logprobs"),
+    ("top_logprobs-without-logprobs", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                             "top_logprobs": 2}, 400, "top_logprobs"),
     ("presence_penalty", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                 "presence_penalty": 0.5}, 400, "presence_penalty"),
 ]

@@ -17,6 +17,9 @@ class CompletionOutput:
     text: str | None = None
     stop_reason: str | None = None  # the stop string that ended the completion (`text` ends before it,
     # or with it when include_stop_str_in_output)
+    # per generated token, the params.top_logprobs most likely tokens {token id: log-prob}, most likely first,
+    # under the distribution sampled from (tokens outside top-k / top-p are left out)
+    top_logprobs: list[dict[int, float]] | None = None
     # [n_tokens - 1 - routed_experts_start, num_moe_layers, top_k]: row t = experts used when token
     # (routed_experts_start + t) was forwarded, prompt tokens included.
     routed_experts: np.ndarray | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -25,6 +27,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # keep the stop string at the end of `text`
     ignore_eos: bool = False
     logprobs: bool = True
+    # also the N most likely tokens at each generated position (same distribution; vLLM's logprobs=N)
+    top_logprobs: int = 0
     return_routed_experts: bool | None = None  # None: the engine's routing_replay.return_routed_experts
     routed_experts_start: int = 0  # skip the first S rows (the client already holds them)
     rollout_id: str | None = None  # store key; defaults to the request id
@@ -32,6 +36,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # vLLM accepts one string
             self.stop = [self.stop]
+        if self.logprobs is None:  # vLLM: None = no log-probs, N = the sampled token's and the top N
+            self.logprobs = False
+        elif isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool):
+            self.logprobs, self.top_logprobs = True, self.logprobs
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the field (the caller adds the request index)."""
@@ -42,6 +50,8 @@ class SamplingParams:
             ("top_k", isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
              "must be -1 (off) or >= 1"),
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
             ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in [0, {vocab_size})"),

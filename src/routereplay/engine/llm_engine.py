@@ -146,13 +146,15 @@ class LLMEngine:
         """One forward over the scheduled batch; returns the requests that completed."""
         batch = self.scheduler.schedule()
         if batch:
-            sampled, tokens, logprobs = self.runner.run(batch)
+            sampled, tokens, logprobs, tops = self.runner.run(batch)
             for seq, n in batch:
                 seq.num_computed_tokens += n
                 self.scheduler.blocks.commit(seq)
-            for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
+            for seq, token, lp, top in zip(sampled, tokens, logprobs, tops, strict=True):
                 seq.token_ids.append(token)
                 seq.logprobs.append(lp)
+                if top is not None:
+                    seq.top_logprobs.append(top)
                 self.stats["generation_tokens"] += 1
                 reason = self._stop_reason(seq, token)
                 if reason:
@@ -183,6 +185,7 @@ class LLMEngine:
         req = self.requests[seq.request_id]
         out = CompletionOutput(seq.sample_index, seq.output_token_ids, list(seq.logprobs) if seq.params.logprobs
                                else None, reason, stop_reason=seq.stop_reason,
+                               top_logprobs=list(seq.top_logprobs) if seq.params.top_logprobs else None,
                                routed_experts_start=seq.params.routed_experts_start)
         if self.config.routing_replay.enable and (req.want_routing or self.store_writer is not None):
             rows, event = self.runner.gather_routing(seq, 0, len(seq) - 1)

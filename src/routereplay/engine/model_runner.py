@@ -14,7 +14,7 @@ from routereplay.config import EngineConfig
 from routereplay.engine.context import Context, reset_context, set_context
 from routereplay.engine.sequence import Sequence
 from routereplay.layers.parallel import TP
-from routereplay.layers.sampler import sample
+from routereplay.layers.sampler import sample, top_logprobs
 from routereplay.models.loader import check_update, load_checkpoint, update_weights
 from routereplay.models.transformer import MoECausalLM
 
@@ -201,26 +201,36 @@ class ModelRunner:
         return self.model.compute_logits(hidden[torch.tensor(inp.sample_rows, device=dev)])
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list[float]]:
-        """Forward the batch (on every rank); sample for every sequence whose last token was forwarded."""
+    def run(self, batch: list[tuple[Sequence, int]]
+            ) -> tuple[list[Sequence], list[int], list[float], list[dict[int, float] | None]]:
+        """Forward the batch (on every rank); sample for every sequence whose last token was forwarded.
+        Returns those sequences, their tokens, log-probs, and top log-probs ({token: log-prob}) where asked."""
         inp, to_sample = self.prepare(batch)
         if self.workers is not None:
             self.workers.send(("run", inp))
         logits = self.execute(inp)
         if not to_sample:
-            return [], [], []
+            return [], [], [], []
         dev = self.device
         p = [s.params for s in to_sample]
+        temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev)
+        top_k = torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev)
+        top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev)
         tokens, logprobs = sample(
-            logits,
-            torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev),
-            torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev),
-            torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev),
+            logits, temperature, top_k, top_p,
             torch.tensor([s.seed for s in to_sample], dtype=torch.long).to(dev),
             torch.tensor([len(s) for s in to_sample], dtype=torch.long).to(dev),
             truncate=any(x.top_k > 0 or x.top_p < 1 for x in p),
         )
-        return to_sample, tokens.tolist(), logprobs.tolist()
+        tops: list[dict[int, float] | None] = [None] * len(to_sample)
+        rows = [i for i, x in enumerate(p) if x.top_logprobs > 0]
+        if rows:  # only the rows that ask: the distribution is rebuilt over the whole vocabulary
+            r = torch.tensor(rows, device=dev)
+            lps, ids = top_logprobs(logits[r], temperature[r], top_k[r], top_p[r], max(p[i].top_logprobs for i in rows))
+            for i, lp_row, id_row in zip(rows, lps.tolist(), ids.tolist(), strict=True):
+                n = p[i].top_logprobs
+                tops[i] = {t: lp for t, lp in zip(id_row[:n], lp_row[:n], strict=True) if lp != float("-inf")}
+        return to_sample, tokens.tolist(), logprobs.tolist(), tops
 
     # ---- CUDA graphs for decode -----------------------------------------------------------------
     def _capture_graphs(self) -> None:

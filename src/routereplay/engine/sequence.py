@@ -28,6 +28,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full, computed blocks
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # params.top_logprobs > 0
     finish_reason: str | None = None
     stop_reason: str | None = None  # the stop string that ended it
     waits_for: Sequence | None = None  # n > 1: later samples wait until sample 0's prompt is cached

@@ -9,7 +9,7 @@ import torch
 
 from routereplay.kernels.fused import counter_uniform, gumbel_sample
 
-__all__ = ["counter_uniform", "sample"]
+__all__ = ["counter_uniform", "sample", "top_logprobs"]
 
 
 def _truncated_log_softmax(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -44,3 +44,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     tokens = torch.where(greedy, torch.argmax(logits, dim=-1), sampled)
     chosen = torch.where(greedy[:, None], logp_plain, logp)
     return tokens, chosen.gather(1, tokens[:, None]).squeeze(1)
+
+
+def top_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` most likely tokens of each row under the distribution ``sample`` draws from (and reports
+    log-probs of): (log-probs [S, n] descending, token ids [S, n]); -inf marks tokens outside top-k / top-p."""
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    logp = torch.where(greedy[:, None], torch.log_softmax(logits, dim=-1), _truncated_log_softmax(scaled, top_k, top_p))
+    return logp.topk(min(n, logp.shape[-1]), dim=-1)

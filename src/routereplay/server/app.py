@@ -46,7 +46,7 @@ from routereplay.engine.llm_engine import LLMEngine, load_tokenizer
 from routereplay.models.loader import checkpoint_tensors
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.routing import encode
-from routereplay.sampling_params import SamplingParams, cut_at_stop
+from routereplay.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, cut_at_stop
 
 log = logging.getLogger("routereplay.server")
 
@@ -171,6 +171,7 @@ class GenerateBody(BaseModel):
     input_ids: list[int] | None = None
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     return_logprob: bool = False
+    top_logprobs_num: int = 0  # with return_logprob: the N most likely tokens at each generated position
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
     rid: str | None = None  # also the routing store key
@@ -222,7 +223,7 @@ _STOP = ("stop", None)
 class EngineThread:
     """The only thread that touches the LLMEngine.
 
-    Events sent to a job's queue: ``("delta", rid, sample, token_ids, logprobs)`` (streaming jobs),
+    Events sent to a job's queue: ``("delta", rid, sample, token_ids, logprobs, top_logprobs)`` (streaming jobs),
     ``("done", rid, RequestOutput)`` or ``("error", rid, message)``.
     """
 
@@ -333,9 +334,10 @@ class EngineThread:
                     start = seq.num_prompt_tokens + job.sent[i]
                     new = seq.token_ids[start:]
                     if new:
-                        lps = seq.logprobs[job.sent[i] : job.sent[i] + len(new)]
-                        job.sent[i] += len(new)
-                        job.emit(("delta", job.request_id, i, new, lps))
+                        a, b = job.sent[i], job.sent[i] + len(new)
+                        tops = seq.top_logprobs[a:b] if seq.params.top_logprobs else None
+                        job.emit(("delta", job.request_id, i, new, seq.logprobs[a:b], tops))
+                        job.sent[i] = b
         for out in finished:
             job = self._jobs.pop(out.request_id, None)
             if job is not None:
@@ -442,7 +444,7 @@ class _Service:
             ids = ids["input_ids"]
         return list(ids)
 
-    def build_jobs(self, body: _Body, prompts: list[tuple[list[int], str | None]], want_lp: bool,
+    def build_jobs(self, body: _Body, prompts: list[tuple[list[int], str | None]], logprobs: int | None,
                    max_tokens: int | None, prompt_field: str, rid: str) -> list[_Job]:
         """Validate every prompt, then make the engine requests (nothing is queued on error)."""
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
@@ -476,7 +478,8 @@ class _Service:
                 stop=stop,
                 include_stop_str_in_output=body.include_stop_str_in_output,
                 ignore_eos=body.ignore_eos,
-                logprobs=want_lp,
+                logprobs=logprobs is not None,
+                top_logprobs=logprobs or 0,
                 return_routed_experts=body.return_routed_experts,
                 routed_experts_start=body.routed_experts_start,
                 rollout_id=base if len(prompts) == 1 else f"{base}/{j}",
@@ -509,29 +512,35 @@ class _Service:
             d["routing_error"] = c.routing_error
         return d
 
-    def logprobs_obj(self, chat: bool, token_ids: list[int], lps: list[float], offset: int = 0) -> dict:
+    def logprobs_obj(self, chat: bool, token_ids: list[int], lps: list[float],
+                     tops: list[dict[int, float]] | None, offset: int = 0) -> dict:
+        """OpenAI's ``logprobs`` object (chat or completions form); ``tops``: the top log-probs per token."""
         toks = [self.token_str(t) for t in token_ids]
         if chat:
-            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
-                                for s, lp in zip(toks, lps, strict=True)]}
+            def entry(s: str, lp: float) -> dict[str, Any]:
+                return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(self.token_str(t), x) for t, x in top.items()]}
+                                for s, lp, top in zip(toks, lps, tops or [{}] * len(toks), strict=True)]}
         offsets = []
         for s in toks:
             offsets.append(offset)
             offset += len(s)
-        return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": offsets}
+        top_obj = None if tops is None else [{self.token_str(t): x for t, x in top.items()} for top in tops]
+        return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": top_obj, "text_offset": offsets}
 
     async def run(self, body: _Body, prompts: list[tuple[list[int], str | None]], *, chat: bool,
-                  want_lp: bool, max_tokens: int | None) -> JSONResponse | StreamingResponse:
+                  logprobs: int | None, max_tokens: int | None) -> JSONResponse | StreamingResponse:
+        """``logprobs``: None = no log-probs, N = each token's and the N most likely at its position."""
         self.check_alive()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        jobs = self.build_jobs(body, prompts, want_lp, max_tokens, "messages" if chat else "prompt", rid)
+        jobs = self.build_jobs(body, prompts, logprobs, max_tokens, "messages" if chat else "prompt", rid)
         for job in jobs:
             self.runner.submit(job)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._stream(jobs, rid, chat, want_lp, include_usage),
+            return StreamingResponse(self._stream(jobs, rid, chat, include_usage),
                                      media_type="text/event-stream")
-        return JSONResponse(await self._complete(jobs, rid, chat, want_lp))
+        return JSONResponse(await self._complete(jobs, rid, chat))
 
     async def _wait_all(self, jobs: list[_Job]) -> dict[str, RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -553,7 +562,7 @@ class _Service:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name}
 
-    async def _complete(self, jobs: list[_Job], rid: str, chat: bool, want_lp: bool) -> dict[str, Any]:
+    async def _complete(self, jobs: list[_Job], rid: str, chat: bool) -> dict[str, Any]:
         done = await self._wait_all(jobs)
         outs = [done[job.request_id] for job in jobs]
         await self.finish_routing([c for o in outs for c in o.outputs])
@@ -564,7 +573,7 @@ class _Service:
                 text = self.decode(c.token_ids)
                 if c.stop_reason is not None:
                     text = cut_at_stop(text, [c.stop_reason], include=jobs[0].params.include_stop_str_in_output)
-                lp = self.logprobs_obj(chat, c.token_ids, c.logprobs or []) if want_lp else None
+                lp = None if c.logprobs is None else self.logprobs_obj(chat, c.token_ids, c.logprobs, c.top_logprobs)
                 choice: dict[str, Any] = {"index": j * n + c.index}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": text}
@@ -579,8 +588,7 @@ class _Service:
                  "total_tokens": prompt_tokens + completion_tokens}
         return {**self._head(rid, chat, False), "choices": choices, "usage": usage}
 
-    async def _stream(self, jobs: list[_Job], rid: str, chat: bool, want_lp: bool,
-                      include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, jobs: list[_Job], rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         n = jobs[0].params.n
         index = {job.request_id: j for j, job in enumerate(jobs)}
         tokens: dict[int, list[int]] = {}  # choice index -> token ids so far
@@ -626,11 +634,11 @@ class _Service:
                     return
                 j = index[req_id]
                 if kind == "delta":
-                    i, new, lps = rest
+                    i, new, lps, tops = rest
                     ci = j * n + i
                     offset = len(texts[ci])
                     tokens[ci].extend(new)
-                    lp = self.logprobs_obj(chat, new, lps, offset) if want_lp else None
+                    lp = self.logprobs_obj(chat, new, lps, tops, offset) if jobs[0].params.logprobs else None
                     yield chunk(ci, text_delta(ci, False), {"logprobs": lp, "finish_reason": None,
                                                             "token_ids": new})
                 elif kind == "done":
@@ -665,16 +673,24 @@ class _Service:
             prompts = [(list(x), None) for x in p]
         else:
             prompts = [(list(p), None)]
-        want_lp = body.logprobs is not None and body.logprobs is not False
-        return await self.run(body, prompts, chat=False, want_lp=want_lp, max_tokens=body.max_tokens)
+        logprobs = body.logprobs  # an int (OpenAI); true means 0, false none
+        if isinstance(logprobs, bool):
+            logprobs = 0 if logprobs else None
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", "logprobs")
+        return await self.run(body, prompts, chat=False, logprobs=logprobs, max_tokens=body.max_tokens)
 
     async def chat(self, body: ChatBody) -> JSONResponse | StreamingResponse:
         self.check_model(body.model)
-        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-            raise ApiError(400, f"top_logprobs must be in [0, 20], got {body.top_logprobs}", "top_logprobs")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}",
+                           "top_logprobs")
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         prompts = [(self.chat_ids(body.messages), None)]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self.run(body, prompts, chat=True, want_lp=bool(body.logprobs), max_tokens=max_tokens)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await self.run(body, prompts, chat=True, logprobs=logprobs, max_tokens=max_tokens)
 
     async def generate(self, body: GenerateBody) -> dict[str, Any] | list[dict[str, Any]]:
         """SGLang's ``/generate``: ``text`` or ``input_ids``, ``sampling_params`` with SGLang's names; routing
@@ -695,7 +711,10 @@ class _Service:
         rid = body.rid or f"gen-{uuid.uuid4().hex}"
         try:
             _check_key(rid, "rid")
-            params = SamplingParams(**kwargs, logprobs=body.return_logprob, rollout_id=rid,
+            if body.top_logprobs_num and not body.return_logprob:
+                raise ValueError("top_logprobs_num needs return_logprob=true")
+            params = SamplingParams(**kwargs, logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num,
+                                    rollout_id=rid,
                                     return_routed_experts=body.return_routed_experts,
                                     routed_experts_start=body.routed_experts_start_len)
             self.engine.validate(ids, params)
@@ -703,7 +722,8 @@ class _Service:
             field = _engine_param(str(e), "input_ids")
             names = {v: k for k, v in _SGLANG_SAMPLING.items()}
             param = f"sampling_params.{names[field]}" if field in names else {
-                "routed_experts_start": "routed_experts_start_len", "rollout_id": "rid"}.get(field, field)
+                "routed_experts_start": "routed_experts_start_len", "rollout_id": "rid",
+                "top_logprobs": "top_logprobs_num"}.get(field, field)
             raise ApiError(400, str(e), param) from None
         job = _Job(f"gen-{uuid.uuid4().hex}", ids, params, body.text, False, asyncio.get_running_loop(),
                    asyncio.Queue())  # the engine's id is unique; rid may repeat, like OpenAI's rollout_id
@@ -723,6 +743,8 @@ class _Service:
                                     "completion_tokens": len(c.token_ids), "cached_tokens": out.num_cached_tokens}
             if body.return_logprob:
                 meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+                if c.top_logprobs is not None:
+                    meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in top.items()] for top in c.top_logprobs]
             if c.routed_experts is not None:
                 raw = c.routed_experts.astype("<i4").tobytes()
                 meta["routed_experts"] = base64.b64encode(raw).decode("ascii")
