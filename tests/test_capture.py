@@ -131,6 +131,45 @@ def test_routing_goes_to_the_local_store(ckpt_root, tmp_path):
 
 
 
+def test_abort_keeps_what_was_generated_with_exact_routing(ckpt_root, tmp_path):
+    """SGLang-style abort: decoding samples end with their tokens and exact routing (stored too); samples in
+    prefill or still queued end without routing; blocks are freed and the engine goes on."""
+    from routereplay.store import open as open_store
+
+    rr = {**DEBUG, "store": "local", "local_store_dir": str(tmp_path / "routing")}
+    llm = LLM(tiny_checkpoint(ckpt_root, "qwen3_moe"), max_model_len=256, block_size=4,
+              max_num_batched_tokens=16, routing_replay=rr)
+    engine = llm.engine
+    sp = dict(temperature=1.0, max_tokens=60, ignore_eos=True, seed=7)
+    dec = engine.add_request(list(range(5, 15)), SamplingParams(**sp, n=2, rollout_id="dec"))
+    engine.step(), engine.step()  # both samples decode from here on
+    pre = engine.add_request(list(range(3, 60)), SamplingParams(**sp, rollout_id="pre"))  # 57 tokens, 14 a step
+    engine.step(), engine.step()
+    queued = engine.add_request([5, 6, 7], SamplingParams(**sp, rollout_id="queued"))
+    assert engine.abort("no-such-request", keep_output=True) is None
+
+    out = engine.abort(dec, keep_output=True)
+    assert [c.finish_reason for c in out.outputs] == ["abort", "abort"]
+    assert all(len(c.token_ids) >= 1 and c.routing_error is None for c in out.outputs)
+    assert_positions(out)  # rows 0 .. n-2, each its own position
+    for rid in (pre, queued):
+        c = engine.abort(rid, keep_output=True).outputs[0]
+        assert c.finish_reason == "abort" and c.token_ids == [] and c.routed_experts is None
+        assert "routing rows computed" in c.routing_error
+    assert not engine.has_unfinished()
+    assert engine.scheduler.blocks.num_free == llm.engine.runner.num_blocks
+    full = llm.generate(prompt_token_ids=[list(range(5, 15))], sampling_params=SamplingParams(**sp, n=2),
+                        use_tqdm=False)[0]
+    for c, whole in zip(out.outputs, full.outputs, strict=True):  # seeded: the same tokens, cut short
+        assert whole.token_ids[: len(c.token_ids)] == c.token_ids
+    llm.close()
+    store = open_store(str(tmp_path / "routing"))
+    keys = set(store.keys())
+    assert {"dec/0", "dec/1"} <= keys and not {"pre", "queued"} & keys
+    for c in out.outputs:
+        np.testing.assert_array_equal(store.get(c.routing_key), c.routed_experts)
+
+
 def test_unstorable_rollout_id_is_rejected_up_front(ckpt_root, tmp_path):
     rr = {"enable": True, "store": "local", "local_store_dir": str(tmp_path / "routing")}
     llm = LLM(tiny_checkpoint(ckpt_root, "qwen3_moe"), max_model_len=256, routing_replay=rr)

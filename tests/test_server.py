@@ -320,11 +320,8 @@ def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Serv
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(srv.client().completions.create, model=MODEL, prompt=prompt, max_tokens=8,
                                   temperature=0, extra_body={"ignore_eos": True})
-            deadline = time.monotonic() + 30
-            while srv.metrics()["routereplay_queue_depth"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.02)  # until the engine thread holds the request (it cannot step: paused)
-            metrics = srv.metrics()
-            assert metrics["routereplay_queue_depth"] == 1 and metrics["routereplay_paused"] == 1
+            _wait_until_queued(srv, 1)  # the engine thread holds the request; it cannot step: paused
+            assert srv.metrics()["routereplay_paused"] == 1
             assert not pending.done()
             assert srv.post("/update_weights_from_disk", {"model_path": str(tmp_path / "step2")}).status_code == 200
             assert srv.post("/continue_generation").json() == {"paused": False}
@@ -337,6 +334,57 @@ def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Serv
         temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     offline.close()
     assert tokens == expect
+
+
+def _wait_until_queued(srv: Server, depth: int) -> None:
+    deadline = time.monotonic() + 30
+    while srv.metrics()["routereplay_queue_depth"] < depth and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the engine thread holds the request
+    assert srv.metrics()["routereplay_queue_depth"] == depth
+
+
+def test_abort_request_returns_partial_rollouts(srv: Server) -> None:
+    """SGLang's /abort_request: a rollout ended by rid returns finish_reason abort, its tokens a prefix of the
+    uninterrupted run, its routing exact for them (and stored); abort_all ends a queued /generate empty."""
+    c = srv.client()
+    prompt = [5, 6, 7, 8, 9]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=120, temperature=0)
+    extra = {"ignore_eos": True, "return_routed_experts": True}
+    full = c.completions.create(**kw, extra_body={**extra, "rollout_id": "ab-full"}).choices[0]
+    parts = []
+    try:
+        for chunk in c.completions.create(**kw, stream=True, extra_body={**extra, "rollout_id": "ab-1"}):
+            parts.append(chunk.choices[0])
+            if len(parts) == 3:  # pause: no step runs between here and the abort, so this cannot race
+                srv.post("/pause_generation")
+                assert srv.post("/abort_request", {"rid": "ab-1"}).json() == {"success": True, "aborted": 1}
+                srv.post("/continue_generation")
+    finally:
+        srv.post("/continue_generation")
+    final = parts[-1]
+    tokens = sum((p.token_ids for p in parts), [])
+    assert final.finish_reason == "abort" and 3 <= len(tokens) < 120
+    assert full.token_ids[: len(tokens)] == tokens
+    routing = decode(final.routed_experts)
+    np.testing.assert_array_equal(routing, decode(full.routed_experts)[: len(prompt) + len(tokens) - 1])
+    np.testing.assert_array_equal(LocalStore(srv.store_dir).get("ab-1"), routing)
+
+    srv.post("/pause_generation")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(srv.post, "/generate", {
+                "input_ids": prompt, "rid": "ab-gen", "return_routed_experts": True,
+                "sampling_params": {"max_new_tokens": 20}})
+            _wait_until_queued(srv, 1)
+            assert srv.post("/abort_request", {"abort_all": True}).json() == {"success": True, "aborted": 1}
+            got = pending.result(timeout=60).json()
+    finally:
+        srv.post("/continue_generation")
+    assert got["output_ids"] == [] and got["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "routed_experts" not in got["meta_info"] and "routing rows computed" in got["meta_info"]["routing_error"]
+    for bad in ({}, {"rid": 5}, {"rid": "x", "all": True}):
+        r = srv.post("/abort_request", bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("rid", "all"), r.text
 
 
 def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> None:

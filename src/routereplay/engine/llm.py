@@ -64,12 +64,14 @@ class LLM:
                 raise ValueError(f"request {i}: {e}") from None
         request_ids = [self.engine.add_request(p, sp, prompt=t) for p, sp, t in zip(ids, params, texts, strict=True)]
         results: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
         try:
             while len(results) < len(ids):
                 for out in self.engine.step():
-                    results[out.request_id] = out
-                    bar.update(1)
+                    if out.request_id in wanted:  # not a request someone added to the engine directly
+                        results[out.request_id] = out
+                        bar.update(1)
         except BaseException:
             for rid in request_ids:
                 self.engine.abort(rid)

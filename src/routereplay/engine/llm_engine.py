@@ -16,7 +16,7 @@ import torch
 from routereplay.config import EngineConfig
 from routereplay.engine.model_runner import ModelRunner
 from routereplay.engine.scheduler import Scheduler
-from routereplay.engine.sequence import Sequence
+from routereplay.engine.sequence import Sequence, Status
 from routereplay.engine.workers import Workers
 from routereplay.layers.parallel import TP
 from routereplay.outputs import CompletionOutput, RequestOutput
@@ -188,31 +188,36 @@ class LLMEngine:
                                top_logprobs=list(seq.top_logprobs) if seq.params.top_logprobs else None,
                                routed_experts_start=seq.params.routed_experts_start)
         if self.config.routing_replay.enable and (req.want_routing or self.store_writer is not None):
-            rows, event = self.runner.gather_routing(seq, 0, len(seq) - 1)
-            req.pending.append((out, rows, event))
+            if seq.num_computed_tokens >= len(seq) - 1:
+                rows, event = self.runner.gather_routing(seq, 0, len(seq) - 1)
+                req.pending.append((out, rows, event))
+            else:  # only an abort ends a sample before every token but the last was forwarded
+                out.routing_error = (f"aborted with {seq.num_computed_tokens} of {len(seq) - 1} routing rows computed "
+                                     "(prefill unfinished or preempted): no routing")
         req.done[seq.sample_index] = out
         self.scheduler.finish(seq)
 
     def _collect(self, block: bool) -> list[RequestOutput]:
-        finished = []
-        for req in list(self.requests.values()):
-            still = []
-            for out, rows, event in req.pending:
-                if event is not None and not (block or event.query()):
-                    still.append((out, rows, event))
-                    continue
-                if event is not None:
-                    event.synchronize()
-                self._deliver_routing(req, out, rows)
-            req.pending = still
-            if len(req.done) == req.params.n and not req.pending:
-                del self.requests[req.request_id]
-                finished.append(RequestOutput(
-                    req.request_id, req.prompt, req.prompt_token_ids,
-                    [req.done[i] for i in range(req.params.n)], list(self.model_config.moe_layer_ids),
-                    num_cached_tokens=req.seqs[0].num_cached_prompt_tokens,
-                ))
-        return finished
+        outs = [self._complete(req, block) for req in list(self.requests.values())]
+        return [o for o in outs if o is not None]
+
+    def _complete(self, req: _Request, block: bool) -> RequestOutput | None:
+        """Deliver the routing copies that have landed (all with ``block``); the output once every sample is done."""
+        still = []
+        for out, rows, event in req.pending:
+            if event is not None and not (block or event.query()):
+                still.append((out, rows, event))
+                continue
+            if event is not None:
+                event.synchronize()
+            self._deliver_routing(req, out, rows)
+        req.pending = still
+        if len(req.done) < req.params.n or req.pending:
+            return None
+        del self.requests[req.request_id]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                             [req.done[i] for i in range(req.params.n)], list(self.model_config.moe_layer_ids),
+                             num_cached_tokens=req.seqs[0].num_cached_prompt_tokens)
 
     def _deliver_routing(self, req: _Request, out: CompletionOutput, rows: torch.Tensor) -> None:
         array = rows.numpy()
@@ -230,15 +235,26 @@ class LLMEngine:
         if req.want_routing:
             out.routed_experts = array[out.routed_experts_start :]
 
-    def abort(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
+    def abort(self, request_id: str, keep_output: bool = False) -> RequestOutput | None:
+        """Stop a request between two steps; unknown or finished ids are ignored.
+
+        ``keep_output`` (SGLang's /abort_request): its unfinished samples end now with finish_reason
+        "abort" and what they generated so far (token ids, log-probs, and routing when every row is
+        computed: always for a decoding sample, never for one still in prefill or preempted), and the
+        request's output is returned and stored like a finished one. Otherwise it is dropped.
+        """
+        req = self.requests.get(request_id)
         if req is None:
-            return
-        for seq in req.seqs:
-            if seq in self.scheduler.running:
+            return None
+        unfinished = [seq for seq in req.seqs if seq.status is not Status.FINISHED]
+        if not keep_output:
+            del self.requests[request_id]
+            for seq in unfinished:
                 self.scheduler.finish(seq)
-            elif seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
+            return None
+        for seq in unfinished:
+            self._finish(seq, "abort")
+        return self._complete(req, block=True)
 
     def update_weights(self, named_tensors) -> int:
         """In-place weight sync; cached prefixes were computed with the old weights, so drop them."""

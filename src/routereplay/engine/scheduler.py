@@ -87,6 +87,7 @@ class Scheduler:
         return batch
 
     def finish(self, seq: Sequence) -> None:
+        """End a running or waiting (aborted) sequence and free its blocks."""
+        (self.running if seq.status is Status.RUNNING else self.waiting).remove(seq)
         seq.status = Status.FINISHED
-        self.running.remove(seq)
         self.blocks.release(seq)

@@ -184,6 +184,15 @@ _SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature"
                     "no_stop_trim": "include_stop_str_in_output"}
 
 
+class AbortBody(BaseModel):
+    """SGLang's ``/abort_request``: one rollout (``rid``: /generate's rid or an OpenAI rollout_id) or all."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    rid: str = ""
+    abort_all: bool = False
+
+
 class UpdateWeightsBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
 
@@ -326,6 +335,14 @@ class EngineThread:
         job.seqs = list(self.engine.requests[job.request_id].seqs)
         job.sent = [0] * len(job.seqs)
         self._jobs[job.request_id] = job
+
+    def end_early(self, rid: str, every: bool) -> int:
+        """(engine thread) End the matching requests now with what they generated, finish_reason "abort"
+        (``LLMEngine.abort(keep_output=True)``); their callers get the partial outputs. Returns how many."""
+        ended = [self.engine.abort(request_id, keep_output=True) for request_id, job in list(self._jobs.items())
+                 if every or rid in (request_id, job.params.rollout_id)]
+        self._publish([out for out in ended if out is not None])
+        return len(ended)
 
     def _publish(self, finished: list[RequestOutput]) -> None:
         for job in self._jobs.values():
@@ -737,6 +754,8 @@ class _Service:
                 text = cut_at_stop(text, [c.stop_reason], include=params.include_stop_str_in_output)
             if c.finish_reason == "length":
                 finish = {"type": "length", "length": len(c.token_ids)}
+            elif c.finish_reason == "abort":
+                finish = {"type": "abort", "message": "aborted by /abort_request"}
             else:
                 finish = {"type": "stop", "matched": c.stop_reason if c.stop_reason is not None else c.token_ids[-1]}
             meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": len(ids),
@@ -776,6 +795,16 @@ class _Service:
         if error is not None:
             raise ApiError(503, error, type="server_error")
         return {"paused": paused}
+
+    async def abort_request(self, body: AbortBody) -> dict[str, Any]:
+        """SGLang's /abort_request (RL frameworks call it once a rollout batch has enough samples): the
+        matching requests end at once and their callers get what was generated, finish_reason abort."""
+        if not (body.abort_all or body.rid):
+            raise ApiError(400, "give rid or abort_all=true", "rid")
+        count, error = await self.on_engine_thread(lambda engine: self.runner.end_early(body.rid, body.abort_all))
+        if error is not None:
+            raise ApiError(503, error, type="server_error")
+        return {"success": True, "aborted": count}
 
     async def update_weights_from_disk(self, body: UpdateWeightsBody) -> dict[str, Any]:
         """Sync weights from a checkpoint directory between two engine steps. Requests in flight keep
@@ -880,6 +909,10 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     @app.post("/continue_generation")
     async def continue_generation() -> dict[str, Any]:
         return await svc.set_paused(False)
+
+    @app.post("/abort_request")
+    async def abort_request(body: AbortBody) -> dict[str, Any]:
+        return await svc.abort_request(body)
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(body: UpdateWeightsBody) -> dict[str, Any]:
