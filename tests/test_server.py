@@ -299,41 +299,85 @@ def test_update_weights_from_disk(srv: Server, ckpt: str, tmp_path: Path) -> Non
     assert greedy() == before
 
 
-def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Server, ckpt: str,
-                                                                      tmp_path: Path) -> None:
-    """The RL service loop: pause, queue a rollout, sync weights, continue: the rollout is generated entirely
-    by the new weights (its tokens equal offline generation on the saved checkpoint)."""
-    import concurrent.futures
-
+@pytest.fixture(scope="module")
+def step2(ckpt: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The server's checkpoint after a pretend training step: every weight perturbed."""
     from transformers import AutoModelForCausalLM
-
-    from routereplay import LLM, SamplingParams
 
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(tmp_path / "step2")
+    path = str(tmp_path_factory.mktemp("step2"))
+    hf.save_pretrained(path)
+    return path
+
+
+def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Server, ckpt: str, step2: str) -> None:
+    """The RL service loop: pause, queue a rollout, sync weights, continue: the rollout is generated entirely
+    by the new weights (its tokens equal offline generation on the saved checkpoint)."""
+    from routereplay import LLM, SamplingParams
+
     prompt = [9, 8, 7, 6]
     assert srv.post("/pause_generation").json() == {"paused": True}
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(srv.client().completions.create, model=MODEL, prompt=prompt, max_tokens=8,
                                   temperature=0, extra_body={"ignore_eos": True})
             _wait_until_queued(srv, 1)  # the engine thread holds the request; it cannot step: paused
             assert srv.metrics()["routereplay_paused"] == 1
             assert not pending.done()
-            assert srv.post("/update_weights_from_disk", {"model_path": str(tmp_path / "step2")}).status_code == 200
+            assert srv.post("/update_weights_from_disk", {"model_path": step2}).status_code == 200
             assert srv.post("/continue_generation").json() == {"paused": False}
             tokens = pending.result(timeout=60).choices[0].token_ids
     finally:
         srv.post("/continue_generation")
         srv.post("/update_weights_from_disk", {"model_path": ckpt})
-    offline = LLM(str(tmp_path / "step2"), max_model_len=MAX_MODEL_LEN, block_size=8)
+    offline = LLM(step2, max_model_len=MAX_MODEL_LEN, block_size=8)
     expect = offline.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
         temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     offline.close()
     assert tokens == expect
+
+
+def test_pause_modes_on_a_rollout_in_flight(srv: Server, ckpt: str, step2: str) -> None:
+    """SGLang's pause modes: abort (the default) ends the rollout with what it generated; in_place resumes it
+    unchanged; retract + weight sync recomputes it, so all of its routing comes from the new weights."""
+    from routereplay import LLM, SamplingParams
+
+    prompt, n = [4, 5, 6, 7], 24
+
+    def rollout(pause: dict | None, sync: bool = False) -> tuple[list[int], object]:
+        parts = []
+        try:
+            for chunk in srv.client().completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                    extra_body={"ignore_eos": True, "return_routed_experts": True}):
+                parts.append(chunk.choices[0])
+                if len(parts) == 3:  # mid-rollout; while paused no step runs, so nothing races
+                    assert srv.post("/pause_generation", pause).json() == {"paused": True}
+                    if sync:
+                        assert srv.post("/update_weights_from_disk", {"model_path": step2}).status_code == 200
+                    srv.post("/continue_generation")
+        finally:
+            srv.post("/continue_generation")
+            srv.post("/update_weights_from_disk", {"model_path": ckpt})
+        return sum((p.token_ids for p in parts), []), parts[-1]
+
+    uninterrupted = srv.client().completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
+                                                    extra_body={"ignore_eos": True}).choices[0].token_ids
+    tokens, final = rollout(None)
+    assert final.finish_reason == "abort" and 3 <= len(tokens) < n and uninterrupted[: len(tokens)] == tokens
+    tokens, final = rollout({"mode": "in_place"})
+    assert final.finish_reason == "length" and tokens == uninterrupted
+    tokens, final = rollout({"mode": "retract"}, sync=True)
+    assert final.finish_reason == "length" and len(tokens) == n
+    new = LLM(step2, max_model_len=MAX_MODEL_LEN, block_size=8, routing_replay={"enable": True})
+    prefill = new.generate(prompt_token_ids=[prompt + tokens[:-1]], sampling_params=SamplingParams(
+        max_tokens=1, return_routed_experts=True), use_tqdm=False)[0].outputs[0].routed_experts
+    new.close()
+    np.testing.assert_array_equal(np.sort(decode(final.routed_experts), -1), np.sort(prefill, -1))
+    assert srv.post("/pause_generation", {"mode": "later"}).status_code == 400
 
 
 def _wait_until_queued(srv: Server, depth: int) -> None:
@@ -356,7 +400,7 @@ def test_abort_request_returns_partial_rollouts(srv: Server) -> None:
         for chunk in c.completions.create(**kw, stream=True, extra_body={**extra, "rollout_id": "ab-1"}):
             parts.append(chunk.choices[0])
             if len(parts) == 3:  # pause: no step runs between here and the abort, so this cannot race
-                srv.post("/pause_generation")
+                srv.post("/pause_generation", {"mode": "in_place"})
                 assert srv.post("/abort_request", {"rid": "ab-1"}).json() == {"success": True, "aborted": 1}
                 srv.post("/continue_generation")
     finally:

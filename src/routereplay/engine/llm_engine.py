@@ -256,6 +256,11 @@ class LLMEngine:
             self._finish(seq, "abort")
         return self._complete(req, block=True)
 
+    def retract(self) -> None:
+        """Free the KV cache of every running request: each is recomputed from its tokens when it is
+        scheduled again, so after a weight sync its cache and routing rows come from the new weights."""
+        self.scheduler.preempt_all()
+
     def update_weights(self, named_tensors) -> int:
         """In-place weight sync; cached prefixes were computed with the old weights, so drop them."""
         written = self.runner.update_weights(named_tensors)

@@ -34,6 +34,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def preempt_all(self) -> None:
+        """Send every running sequence back to the queue, in order; each is recomputed when admitted again."""
+        for seq in reversed(self.running):
+            self._preempt(seq)
+
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Return [(sequence, number of new tokens to forward)] for the next step."""
         budget = self.max_num_batched_tokens

@@ -193,6 +193,16 @@ class AbortBody(BaseModel):
     abort_all: bool = False
 
 
+class PauseBody(BaseModel):
+    """SGLang's ``/pause_generation`` modes: ``abort`` ends the requests in flight with what they generated
+    (as /abort_request), ``retract`` frees their KV cache (recomputed on continue, e.g. with synced weights),
+    ``in_place`` keeps them as they are."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    mode: Literal["abort", "retract", "in_place"] = "abort"
+
+
 class UpdateWeightsBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
 
@@ -787,11 +797,18 @@ class _Service:
             raise ApiError(503, error, type="server_error")
         return {"success": True}
 
-    async def set_paused(self, paused: bool) -> dict[str, Any]:
+    async def set_paused(self, paused: bool, mode: str = "in_place") -> dict[str, Any]:
         """While paused, requests are accepted and queued but no engine step runs. Returns once the step in
-        progress, if any, has finished. A request that had started before the pause continues on whatever
-        weights a sync in between installs: finish or abort those first to keep each rollout on one policy."""
-        _, error = await self.on_engine_thread(lambda engine: setattr(self.runner, "paused", paused))
+        progress, if any, has finished, and the requests in flight were handled by ``mode`` (``PauseBody``).
+        With ``in_place`` they continue on whatever weights a sync in between installs."""
+        def apply(engine: LLMEngine) -> None:
+            if mode == "abort":
+                self.runner.end_early("", every=True)
+            elif mode == "retract":
+                engine.retract()
+            self.runner.paused = paused
+
+        _, error = await self.on_engine_thread(apply)
         if error is not None:
             raise ApiError(503, error, type="server_error")
         return {"paused": paused}
@@ -903,8 +920,8 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
         return await svc.flush_cache()
 
     @app.post("/pause_generation")
-    async def pause_generation() -> dict[str, Any]:
-        return await svc.set_paused(True)
+    async def pause_generation(body: PauseBody | None = None) -> dict[str, Any]:
+        return await svc.set_paused(True, (body or PauseBody()).mode)
 
     @app.post("/continue_generation")
     async def continue_generation() -> dict[str, Any]:
