@@ -118,11 +118,15 @@ def test_routing_goes_to_the_local_store(ckpt_root, tmp_path):
 
     rr = {"enable": True, "store": "local", "local_store_dir": str(tmp_path / "routing")}
     llm = LLM(tiny_checkpoint(ckpt_root, "qwen3_moe"), max_model_len=256, routing_replay=rr)
-    sps = [SamplingParams(max_tokens=4, rollout_id="r1"), SamplingParams(max_tokens=4, n=2, rollout_id="r2")]
-    outs = llm.generate(prompt_token_ids=[[4, 5, 6], [7, 8]], sampling_params=sps, use_tqdm=False)
+    sps = [SamplingParams(max_tokens=4, rollout_id="r1"), SamplingParams(max_tokens=4, n=2, rollout_id="r2"),
+           SamplingParams(max_tokens=4, rollout_id="eval", store_routing=False, return_routed_experts=True,
+                          ignore_eos=True)]
+    outs = llm.generate(prompt_token_ids=[[4, 5, 6], [7, 8], [9, 10]], sampling_params=sps, use_tqdm=False)
     llm.close()
     store = open_store(str(tmp_path / "routing"))
-    assert store.keys() == ["r1", "r2/0", "r2/1"]
+    assert store.keys() == ["r1", "r2/0", "r2/1"]  # not "eval"
+    eval_out = outs.pop().outputs[0]
+    assert eval_out.routing_key is None and eval_out.routed_experts.shape[0] == 2 + 4 - 1
     for o in outs:
         for c in o.outputs:
             assert c.routing_error is None

@@ -203,6 +203,23 @@ def test_string_prompts_use_the_checkpoint_tokenizer(qwen):
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
+def test_skip_special_tokens_false_keeps_them_in_text(qwen):
+    llm = LLM(qwen, max_model_len=256)
+    specials = set(llm.tokenizer.all_special_ids)
+    sp = dict(temperature=1.0, max_tokens=40, ignore_eos=True, seed=3, n=6)
+    def run(**extra):
+        return llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(**sp, **extra),
+                            use_tqdm=False)[0].outputs
+
+    kept, skipped = run(skip_special_tokens=False), run()
+    assert any(specials & set(c.token_ids) for c in kept), "no special token sampled: pick another seed"
+    for k, s in zip(kept, skipped, strict=True):
+        assert k.token_ids == s.token_ids
+        assert k.text == llm.tokenizer.decode(k.token_ids, skip_special_tokens=False)
+        assert s.text == llm.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+        assert (k.text != s.text) == bool(specials & set(k.token_ids))
+
+
 def test_cut_at_stop_earliest_string_and_held_back_prefixes():
     assert cut_at_stop("ab</a>cd", ["cd", "</a>"]) == "ab"  # the earliest occurrence wins
     assert cut_at_stop("xx cd </a>", ["</a>", "cd"], include=True) == "xx cd"

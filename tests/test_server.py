@@ -177,6 +177,25 @@ def test_models_health_metrics(srv: Server) -> None:
         assert f"routereplay_{name}" in m
 
 
+def test_health_generate_runs_the_engine_and_stores_nothing(srv: Server) -> None:
+    """SGLang's /health_generate (slime's heartbeat): a token really generated, no routing stored; during a
+    pause (weight sync) it answers without waiting for a step."""
+    store = LocalStore(srv.store_dir)
+    keys, before = set(store.keys()), srv.metrics()
+    assert httpx.get(srv.url + "/health_generate", timeout=30).json() == {"status": "ok", "paused": False,
+                                                                         "tokens": 1}
+    after = srv.metrics()
+    assert after["routereplay_requests_total"] - before["routereplay_requests_total"] == 1
+    assert after["routereplay_generation_tokens_total"] - before["routereplay_generation_tokens_total"] == 1
+    assert after["routereplay_store_written_total"] == before["routereplay_store_written_total"]
+    assert set(store.keys()) == keys
+    srv.post("/pause_generation")
+    try:
+        assert httpx.get(srv.url + "/health_generate", timeout=30).json() == {"status": "ok", "paused": True}
+    finally:
+        srv.post("/continue_generation")
+
+
 def test_completion_stream_equals_nonstream(srv: Server, tok) -> None:
     c = srv.client()
     kw = dict(model=MODEL, prompt="Hello routing", max_tokens=12, temperature=0, logprobs=1)
@@ -463,10 +482,19 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
     long_prompt = {"input_ids": list(range(20, 60)), "sampling_params": {"max_new_tokens": 1}}
     srv.post("/generate", long_prompt)
     assert srv.post("/generate", long_prompt).json()["meta_info"]["cached_tokens"] >= 32  # 4 full blocks of 8
-    assert srv.post("/flush_cache").json() == {"success": True}
+    assert httpx.get(srv.url + "/flush_cache").json() == {"success": True}
     assert srv.post("/generate", long_prompt).json()["meta_info"]["cached_tokens"] == 0
     two = srv.post("/generate", {"input_ids": prompt, "sampling_params": {"n": 2, "max_new_tokens": 3}}).json()
     assert isinstance(two, list) and len(two) == 2 and all(len(x["output_ids"]) <= 3 for x in two)
+    slime = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 40, "stop": None, "stop_token_ids": [],
+             "skip_special_tokens": False, "no_stop_trim": True, "spaces_between_special_tokens": False,
+             "ignore_eos": True, "sampling_seed": 3, "n": 6}  # the sampling_params of slime's rollouts
+    got = srv.post("/generate", {"input_ids": prompt, "sampling_params": slime, "return_logprob": True}).json()
+    assert isinstance(got, list), got
+    assert any(set(x["output_ids"]) & set(tok.all_special_ids) for x in got), "no special token: pick another seed"
+    assert [x["text"] for x in got] == [tok.decode(x["output_ids"], skip_special_tokens=False) for x in got]
+    again = srv.post("/generate", {"input_ids": prompt, "sampling_params": slime}).json()
+    assert [x["output_ids"] for x in again] == [x["output_ids"] for x in got]  # sampling_seed is the seed
 
     for bad, param in [({"sampling_params": {"frequency_penalty": 1.0}}, "sampling_params.frequency_penalty"),
                        ({"sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),

@@ -25,6 +25,7 @@ class SamplingParams:
     # one; token_ids and routing keep that token, `text` ends before the string (as in vLLM).
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False  # keep the stop string at the end of `text`
+    skip_special_tokens: bool = True  # leave special tokens out of `text` (and of stop-string matching)
     ignore_eos: bool = False
     logprobs: bool = True
     # also the N most likely tokens at each generated position (same distribution; vLLM's logprobs=N)
@@ -32,10 +33,13 @@ class SamplingParams:
     return_routed_experts: bool | None = None  # None: the engine's routing_replay.return_routed_experts
     routed_experts_start: int = 0  # skip the first S rows (the client already holds them)
     rollout_id: str | None = None  # store key; defaults to the request id
+    store_routing: bool = True  # False: keep this request's routing out of the store (evaluation, health checks)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # vLLM accepts one string
             self.stop = [self.stop]
+        self.stop = [] if self.stop is None else self.stop  # None: none, as in vLLM and SGLang
+        self.stop_token_ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if self.logprobs is None:  # vLLM: None = no log-probs, N = the sampled token's and the top N
             self.logprobs = False
         elif isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool):
@@ -59,6 +63,8 @@ class SamplingParams:
              "must be a list of non-empty strings"),
             ("routed_experts_start", isinstance(self.routed_experts_start, int) and self.routed_experts_start >= 0,
              "must be an integer >= 0"),
+            ("store_routing", isinstance(self.store_routing, bool), "must be a bool"),
+            ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "must be a bool"),
             ("rollout_id", self.rollout_id is None or _storable_key(self.rollout_id),
              "must be a non-empty UTF-8 string without NUL"),
         ]

@@ -87,7 +87,7 @@ class LLM:
         for out, sp in zip(outputs, params, strict=True):
             for c in out.outputs:
                 if tokenizer is not None:
-                    c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                    c.text = tokenizer.decode(c.token_ids, skip_special_tokens=sp.skip_special_tokens)
                     if c.stop_reason is not None:
                         c.text = cut_at_stop(c.text, [c.stop_reason], include=sp.include_stop_str_in_output)
                 if c.store_future is not None:

@@ -32,7 +32,8 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
-    want_routing: bool
+    want_routing: bool  # routed_experts in the output
+    stores_routing: bool  # written to the routing store
     done: dict[int, CompletionOutput] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # (output, host rows, event) awaiting the device copy
 
@@ -133,7 +134,8 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), params, seqs,
-                                             self._wants_routing(params))
+                                             self._wants_routing(params),
+                                             self.store_writer is not None and params.store_routing)
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(prompt_token_ids)
         return request_id
@@ -178,7 +180,7 @@ class LLMEngine:
         this O(1) per token; the tail spans more tokens than the longest stop string has characters
         (a token decodes to at least one character, byte-fallback pieces to a replacement mark)."""
         tail = seq.output_token_ids[-(max(map(len, seq.params.stop)) + 8) :]
-        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        text = self.tokenizer.decode(tail, skip_special_tokens=seq.params.skip_special_tokens)
         return next((x for x in seq.params.stop if x in text), None)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -187,7 +189,7 @@ class LLMEngine:
                                else None, reason, stop_reason=seq.stop_reason,
                                top_logprobs=list(seq.top_logprobs) if seq.params.top_logprobs else None,
                                routed_experts_start=seq.params.routed_experts_start)
-        if self.config.routing_replay.enable and (req.want_routing or self.store_writer is not None):
+        if req.want_routing or req.stores_routing:
             if seq.num_computed_tokens >= len(seq) - 1:
                 rows, event = self.runner.gather_routing(seq, 0, len(seq) - 1)
                 req.pending.append((out, rows, event))
@@ -223,7 +225,7 @@ class LLMEngine:
         array = rows.numpy()
         if not self.config.routing_replay.debug and self.model_config.routing_dtype == np.uint16:
             array = array.view(np.uint16)  # stored as int16 on the device: same bits
-        if self.store_writer is not None:
+        if req.stores_routing:
             key = req.params.rollout_id or req.request_id
             out.routing_key = key if req.params.n == 1 else f"{key}/{out.index}"
             try:

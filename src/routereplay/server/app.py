@@ -134,6 +134,7 @@ class _Body(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -181,7 +182,11 @@ class GenerateBody(BaseModel):
 # SGLang sampling parameter -> SamplingParams field
 _SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                     "n": "n", "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
-                    "no_stop_trim": "include_stop_str_in_output"}
+                    "no_stop_trim": "include_stop_str_in_output", "skip_special_tokens": "skip_special_tokens",
+                    "sampling_seed": "seed"}
+# Accepted and without effect: transformers 5 tokenizers ignore it when decoding (no spaces are put between
+# special tokens). slime sends it with every rollout.
+_SGLANG_NO_EFFECT = {"spaces_between_special_tokens"}
 
 
 class AbortBody(BaseModel):
@@ -433,10 +438,10 @@ class _Service:
         if not self.runner.alive:
             raise ApiError(503, self.runner.failed or "the engine is not running", type="server_error")
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], params: SamplingParams) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
 
     def token_str(self, token_id: int) -> str:
         if self.tokenizer is None:
@@ -504,6 +509,7 @@ class _Service:
                 stop_token_ids=list(body.stop_token_ids or []),
                 stop=stop,
                 include_stop_str_in_output=body.include_stop_str_in_output,
+                skip_special_tokens=body.skip_special_tokens,
                 ignore_eos=body.ignore_eos,
                 logprobs=logprobs is not None,
                 top_logprobs=logprobs or 0,
@@ -597,7 +603,7 @@ class _Service:
         n = jobs[0].params.n
         for j, out in enumerate(outs):
             for c in out.outputs:
-                text = self.decode(c.token_ids)
+                text = self.decode(c.token_ids, jobs[0].params)
                 if c.stop_reason is not None:
                     text = cut_at_stop(text, [c.stop_reason], include=jobs[0].params.include_stop_str_in_output)
                 lp = None if c.logprobs is None else self.logprobs_obj(chat, c.token_ids, c.logprobs, c.top_logprobs)
@@ -636,7 +642,7 @@ class _Service:
 
         def text_delta(ci: int, final: bool) -> str:
             # Stop strings: cut at one, and hold back a tail that may still become one.
-            full = cut_at_stop(self.decode(tokens[ci]), stops, final, include)
+            full = cut_at_stop(self.decode(tokens[ci], jobs[0].params), stops, final, include)
             sent = texts[ci]
             # Hold back an incomplete UTF-8 character until its last byte arrives.
             if not full.startswith(sent) or (full.endswith("\ufffd") and not final):
@@ -731,9 +737,11 @@ class _Service:
         ids = self.tokenize(body.text, "text") if body.text is not None else list(body.input_ids)
         kwargs: dict[str, Any] = {"max_tokens": 128}  # SGLang's default
         for key, value in body.sampling_params.items():
+            if key in _SGLANG_NO_EFFECT:
+                continue
             if key not in _SGLANG_SAMPLING:
                 raise ApiError(400, f"sampling_params.{key} is not supported; supported: "
-                               f"{', '.join(_SGLANG_SAMPLING)}", f"sampling_params.{key}")
+                               f"{', '.join([*_SGLANG_SAMPLING, *_SGLANG_NO_EFFECT])}", f"sampling_params.{key}")
             kwargs[_SGLANG_SAMPLING[key]] = value
         rid = body.rid or f"gen-{uuid.uuid4().hex}"
         try:
@@ -759,7 +767,7 @@ class _Service:
         await self.finish_routing(out.outputs)
         results = []
         for c in out.outputs:
-            text = self.decode(c.token_ids)
+            text = self.decode(c.token_ids, params)
             if c.stop_reason is not None:
                 text = cut_at_stop(text, [c.stop_reason], include=params.include_stop_str_in_output)
             if c.finish_reason == "length":
@@ -781,6 +789,20 @@ class _Service:
                 meta.update(routing_key=c.routing_key, routing_error=c.routing_error)
             results.append({"text": text, "output_ids": c.token_ids, "meta_info": meta})
         return results[0] if len(results) == 1 else results
+
+    async def health_generate(self) -> dict[str, Any]:
+        """SGLang's /health_generate (slime's heartbeat): one token through the engine, stored nowhere. While
+        generation is paused (a weight sync) the engine thread's liveness stands in for it."""
+        self.check_alive()
+        if self.runner.paused:
+            return {"status": "ok", "paused": True}
+        params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=False, return_routed_experts=False,
+                                store_routing=False)
+        job = _Job(f"health-{uuid.uuid4().hex}", [0], params, None, False, asyncio.get_running_loop(),
+                   asyncio.Queue())
+        self.runner.submit(job)
+        out = (await self._wait_all([job]))[job.request_id]
+        return {"status": "ok", "paused": False, "tokens": len(out.outputs[0].token_ids)}
 
     async def on_engine_thread(self, fn) -> tuple[Any, str | None]:
         """``fn(engine)`` run between two engine steps: (its result, None) or (None, the error)."""
@@ -915,7 +937,7 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     async def generate(body: GenerateBody) -> Any:
         return await svc.generate(body)
 
-    @app.post("/flush_cache")
+    @app.api_route("/flush_cache", methods=["GET", "POST"])  # SGLang takes both; some RL clients send GET
     async def flush_cache() -> dict[str, Any]:
         return await svc.flush_cache()
 
@@ -944,6 +966,10 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
         if svc.runner.alive:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "error", "message": svc.runner.failed or "not started"}, status_code=503)
+
+    @app.get("/health_generate")
+    async def health_generate() -> dict[str, Any]:
+        return await svc.health_generate()
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
