@@ -359,6 +359,54 @@ def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Serv
     assert tokens == expect
 
 
+def test_weights_from_a_trainer_over_a_process_group(srv: Server, ckpt: str, step2: str) -> None:
+    """SGLang's /init_weights_update_group + /update_weights_from_distributed, driven by routereplay's
+    WeightSender over gloo: the server then generates what the trainer's weights generate; a wrong name
+    changes nothing and leaves the group usable."""
+    from transformers import AutoModelForCausalLM
+
+    from routereplay import LLM, SamplingParams
+    from routereplay.weight_sync import WeightSender
+
+    prompt = [9, 8, 7, 6]
+
+    def greedy() -> list[int]:
+        return srv.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].token_ids
+
+    trained = AutoModelForCausalLM.from_pretrained(step2, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    offline = LLM(step2, max_model_len=MAX_MODEL_LEN, block_size=8)
+    expect = offline.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    offline.close()
+    before = greedy()
+    assert before != expect
+    sender = WeightSender(srv.url, master_port=_free_port(), backend="gloo")
+    try:
+        assert sender.send(trained.named_parameters()) == len(list(trained.parameters()))
+        assert greedy() == expect
+        bad = [next(trained.named_parameters()), ("model.layers.0.nope", torch.zeros(3))]
+        with pytest.raises(RuntimeError, match="nope"):
+            sender.send(bad)
+        assert greedy() == expect  # nothing written
+        sender.send(original.named_parameters())  # still in step with the server
+        assert greedy() == before
+    finally:
+        sender.close()
+        srv.post("/update_weights_from_disk", {"model_path": ckpt})
+    for path, body, param in [
+        ("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]],
+                                              "group_name": "gone"}, "group_name"),
+        ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1,
+                                        "world_size": 2, "backend": "nccl"}, "backend"),
+        ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 0,
+                                        "world_size": 2, "backend": "gloo"}, "rank_offset"),
+    ]:
+        r = srv.post(path, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_pause_modes_on_a_rollout_in_flight(srv: Server, ckpt: str, step2: str) -> None:
     """SGLang's pause modes: abort (the default) ends the rollout with what it generated; in_place resumes it
     unchanged; retract + weight sync recomputes it, so all of its routing comes from the new weights."""

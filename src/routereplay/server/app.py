@@ -47,6 +47,7 @@ from routereplay.models.loader import checkpoint_tensors
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.routing import encode
 from routereplay.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, cut_at_stop
+from routereplay.weight_sync import make_group, parse_dtype, receive_weights
 
 log = logging.getLogger("routereplay.server")
 
@@ -206,6 +207,38 @@ class PauseBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     mode: Literal["abort", "retract", "in_place"] = "abort"
+
+
+class WeightGroupBody(BaseModel):
+    """SGLang's ``/init_weights_update_group``: this server joins as rank ``rank_offset`` (one rank, whatever
+    its tensor-parallel size); the trainer is rank 0 and hosts the rendezvous."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: Literal["gloo", "nccl"] = "nccl"
+
+
+class DistributedWeightsBody(BaseModel):
+    """SGLang's ``/update_weights_from_distributed``: rank 0 broadcasts each tensor in ``names`` order."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True  # the prefix cache is always dropped after a sync (it holds the old weights' KV)
+
+
+class GroupNameBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    group_name: str = "weight_update_group"
 
 
 class UpdateWeightsBody(BaseModel):
@@ -427,6 +460,7 @@ class _Service:
         self.aliases = {self.model_name, engine.config.model}
         self.tokenizer = load_tokenizer(engine.config.model)  # its own: the engine thread uses the engine's
         self.created = int(time.time())
+        self.weight_groups: dict[str, Any] = {}  # group name -> process group shared with a trainer
 
     # -- shared pieces
     def check_model(self, model: str | None) -> None:
@@ -859,6 +893,48 @@ class _Service:
             raise ApiError(400, f"update_weights_from_disk: {error}", "model_path")
         return {"success": True, "num_tensors": count}
 
+    async def init_weights_update_group(self, body: WeightGroupBody) -> dict[str, Any]:
+        """Join a trainer's process group (blocks until every rank has joined; the engine keeps stepping)."""
+        self.check_alive()
+        if body.group_name in self.weight_groups:
+            raise ApiError(400, f"group_name {body.group_name!r} exists already", "group_name")
+        if body.backend == "nccl" and not self.engine.config.device.startswith("cuda"):
+            raise ApiError(400, "backend nccl needs an engine on CUDA; use gloo", "backend")
+        if not 0 < body.rank_offset < body.world_size:
+            raise ApiError(400, f"rank_offset must be in [1, world_size), got {body.rank_offset}", "rank_offset")
+        try:
+            group = await asyncio.to_thread(make_group, body.master_address, body.master_port, body.rank_offset,
+                                            body.world_size, body.group_name, body.backend)
+        except Exception as e:
+            raise ApiError(400, f"init_weights_update_group: {type(e).__name__}: {e}", "master_address") from None
+        self.weight_groups[body.group_name] = group
+        return {"success": True, "message": f"joined {body.group_name!r} as rank {body.rank_offset}"}
+
+    async def update_weights_from_distributed(self, body: DistributedWeightsBody) -> dict[str, Any]:
+        """Receive the trainer's broadcast weights between two engine steps; a wrong name or shape is a 400
+        after every broadcast was received and discarded: nothing written, the group still in step."""
+        self.check_alive()
+        group = self.weight_groups.get(body.group_name)
+        if group is None:
+            raise ApiError(400, f"group_name {body.group_name!r}: no such group (/init_weights_update_group)",
+                           "group_name")
+        if not len(body.names) == len(body.dtypes) == len(body.shapes):
+            raise ApiError(400, "names, dtypes and shapes must have one entry per tensor", "names")
+        try:
+            dtypes = [parse_dtype(d) for d in body.dtypes]
+        except ValueError as e:
+            raise ApiError(400, str(e), "dtypes") from None
+        count, error = await self.on_engine_thread(
+            lambda engine: receive_weights(engine, group, body.names, dtypes, body.shapes))
+        if error is not None:
+            raise ApiError(400, f"update_weights_from_distributed: {error}", "names")
+        return {"success": True, "num_tensors": count, "message": f"{count} tensors written"}
+
+    async def destroy_weights_update_group(self, body: GroupNameBody) -> dict[str, Any]:
+        if self.weight_groups.pop(body.group_name, None) is None:
+            raise ApiError(400, f"group_name {body.group_name!r}: no such group", "group_name")
+        return {"success": True}
+
     def models(self) -> dict[str, Any]:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "routereplay",
                 "root": self.engine.config.model, "max_model_len": self.engine.config.max_model_len}
@@ -952,6 +1028,18 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     @app.post("/abort_request")
     async def abort_request(body: AbortBody) -> dict[str, Any]:
         return await svc.abort_request(body)
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(body: WeightGroupBody) -> dict[str, Any]:
+        return await svc.init_weights_update_group(body)
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(body: DistributedWeightsBody) -> dict[str, Any]:
+        return await svc.update_weights_from_distributed(body)
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(body: GroupNameBody) -> dict[str, Any]:
+        return await svc.destroy_weights_update_group(body)
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(body: UpdateWeightsBody) -> dict[str, Any]:
