@@ -112,4 +112,8 @@ class WeightSender:
             return reply.result()["num_tensors"]
 
     def close(self) -> None:
-        self._post("/destroy_weights_update_group", {"group_name": self.group_name})
+        """The server leaves the group first; then this end, which hosts the rendezvous, shuts it down."""
+        try:
+            self._post("/destroy_weights_update_group", {"group_name": self.group_name})
+        finally:
+            self.group.shutdown()

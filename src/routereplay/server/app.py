@@ -931,8 +931,10 @@ class _Service:
         return {"success": True, "num_tensors": count, "message": f"{count} tensors written"}
 
     async def destroy_weights_update_group(self, body: GroupNameBody) -> dict[str, Any]:
-        if self.weight_groups.pop(body.group_name, None) is None:
+        group = self.weight_groups.pop(body.group_name, None)
+        if group is None:
             raise ApiError(400, f"group_name {body.group_name!r}: no such group", "group_name")
+        group.shutdown()
         return {"success": True}
 
     def models(self) -> dict[str, Any]:
