@@ -203,6 +203,27 @@ def test_string_prompts_use_the_checkpoint_tokenizer(qwen):
     assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
+def test_min_tokens_masks_what_would_stop_the_completion(qwen):
+    llm = LLM(qwen, max_model_len=256)
+    prompt = [5, 6, 7, 8]
+
+    def run(**kw):
+        return llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            temperature=0, max_tokens=12, **kw), use_tqdm=False)[0].outputs[0]
+
+    free = run(ignore_eos=True, top_logprobs=5)
+    stop_id = free.token_ids[0]  # greedy's first token, made a stop token
+    assert run(stop_token_ids=[stop_id]).token_ids == [stop_id]
+    held = run(stop_token_ids=[stop_id], min_tokens=5)
+    assert len(held.token_ids) >= 5 and stop_id not in held.token_ids[:5]
+    assert held.finish_reason == ("stop" if held.token_ids[-1] == stop_id else "length")
+    # the first token comes from the distribution without stop_id (and EOS): renormalised, more likely
+    unmasked = free.top_logprobs[0]
+    assert held.token_ids[0] in unmasked and held.logprobs[0] > unmasked[held.token_ids[0]]
+    with pytest.raises(ValueError, match=r"min_tokens must be an integer in \[0, max_tokens=12\]"):
+        run(min_tokens=13)
+
+
 def test_skip_special_tokens_false_keeps_them_in_text(qwen):
     llm = LLM(qwen, max_model_len=256)
     specials = set(llm.tokenizer.all_special_ids)

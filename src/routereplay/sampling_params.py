@@ -19,6 +19,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = 16
+    # EOS, stop_token_ids and stop strings cannot end a completion before it has this many tokens: their
+    # tokens are masked out of the distribution sampled from (log-probs included), as in vLLM
+    min_tokens: int = 0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     # Stop strings (needs the model's tokenizer): the completion ends with the token that completes
@@ -54,6 +57,8 @@ class SamplingParams:
             ("top_k", isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
              "must be -1 (off) or >= 1"),
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             f"must be an integer in [0, max_tokens={self.max_tokens}]"),
             ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
              f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),

@@ -165,6 +165,8 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
+        if seq.num_generated < p.min_tokens:  # too short to stop (its stop tokens were masked), as in vLLM
+            return "length" if len(seq) >= self.config.max_model_len else None
         if (not p.ignore_eos and token in self.model_config.eos_token_ids) or token in p.stop_token_ids:
             return "stop"
         if p.stop:

@@ -213,6 +213,10 @@ class ModelRunner:
             return [], [], [], []
         dev = self.device
         p = [s.params for s in to_sample]
+        eos = self.config.model_config.eos_token_ids
+        for i, s in enumerate(to_sample):  # min_tokens: what would end the completion cannot be sampled yet
+            if s.num_generated < s.params.min_tokens:
+                logits[i, s.params.stop_token_ids + ([] if s.params.ignore_eos else eos)] = float("-inf")
         temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev)
         top_k = torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev)
         top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev)

@@ -136,6 +136,7 @@ class _Body(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    min_tokens: int = 0
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -184,7 +185,7 @@ class GenerateBody(BaseModel):
 _SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                     "n": "n", "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
                     "no_stop_trim": "include_stop_str_in_output", "skip_special_tokens": "skip_special_tokens",
-                    "sampling_seed": "seed"}
+                    "sampling_seed": "seed", "min_new_tokens": "min_tokens"}
 # Accepted and without effect: transformers 5 tokenizers ignore it when decoding (no spaces are put between
 # special tokens). slime sends it with every rollout.
 _SGLANG_NO_EFFECT = {"spaces_between_special_tokens"}
@@ -544,6 +545,7 @@ class _Service:
                 stop=stop,
                 include_stop_str_in_output=body.include_stop_str_in_output,
                 skip_special_tokens=body.skip_special_tokens,
+                min_tokens=body.min_tokens,
                 ignore_eos=body.ignore_eos,
                 logprobs=logprobs is not None,
                 top_logprobs=logprobs or 0,
