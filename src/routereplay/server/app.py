@@ -1,4 +1,5 @@
-"""OpenAI-compatible rollout server: FastAPI handlers on the event loop, one engine thread.
+"""OpenAI-compatible rollout server: FastAPI handlers on the event loop (here), one engine thread
+(``engine_thread.py``), request bodies and errors (``protocol.py``).
 
 Threads. Handlers (uvicorn's event loop) parse, tokenize, validate and format. ONE engine thread
 owns the LLMEngine, which is not thread-safe: it alone calls add_request / step / abort, and runs
@@ -25,20 +26,15 @@ import base64
 import json
 import logging
 import os
-import queue
-import re
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routereplay.config import EngineConfig
@@ -47,393 +43,31 @@ from routereplay.models.loader import checkpoint_tensors
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.routing import encode
 from routereplay.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, cut_at_stop
+from routereplay.server.engine_thread import EngineThread, Job
+from routereplay.server.protocol import (
+    SGLANG_NO_EFFECT,
+    SGLANG_SAMPLING,
+    UNSUPPORTED,
+    AbortBody,
+    ApiError,
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    DistributedWeightsBody,
+    GenerateBody,
+    GroupNameBody,
+    PauseBody,
+    SamplingBody,
+    UpdateWeightsBody,
+    WeightGroupBody,
+    engine_param,
+    validation_error,
+)
 from routereplay.weight_sync import make_group, parse_dtype, receive_weights
 
 log = logging.getLogger("routereplay.server")
 
 __all__ = ["ApiError", "EngineThread", "create_app", "serve"]
-
-
-# ---- errors ---------------------------------------------------------------------------------------
-class ApiError(Exception):
-    """An error answered as OpenAI's ``{"error": {...}}`` body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
-
-
-_TYPE_TAGS = {"str", "int", "bool", "float", "list", "dict", "none"}
-
-
-def _loc_to_param(loc: tuple) -> str | None:
-    """``("body", "messages", 0, "content", "str")`` -> ``"messages[0].content"``.
-
-    Union members appear in the location as type tags (``str``, ``list[int]``): they are dropped so
-    that the error names the request field.
-    """
-    text = ""
-    for p in loc[1:] if loc[:1] == ("body",) else loc:
-        if isinstance(p, int):
-            text += f"[{p}]"
-        elif p in _TYPE_TAGS or "[" in p:
-            break
-        else:
-            text += f".{p}" if text else p
-    return text or None
-
-
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    err = exc.errors()[0]
-    if err.get("type") == "json_invalid":
-        return ApiError(400, f"malformed JSON body: {err.get('msg')}", "body")
-    param = _loc_to_param(tuple(err.get("loc", ())))
-    msg = err.get("msg")
-    if param == "prompt" or (param or "").startswith("prompt["):
-        msg = "must be a string, a list of token ids, a list of strings or a list of token-id lists"
-    return ApiError(400, f"{param or 'body'}: {msg}", param or "body")
-
-
-_ENGINE_FIELD = re.compile(r"^([a-z_]+)")
-
-
-def _engine_param(message: str, prompt_field: str) -> str:
-    """The request field an ``LLMEngine.validate`` message is about."""
-    if message.startswith("prompt + max_tokens"):
-        return "max_tokens"
-    m = _ENGINE_FIELD.match(message)
-    name = m.group(1) if m else "prompt"
-    return prompt_field if name in ("prompt", "prompt_token_ids") else name
-
-
-# ---- request bodies --------------------------------------------------------------------------------
-class _Body(BaseModel):
-    # Strict: a JSON API should not turn "5" into 5 or true into 1. Unknown fields are ignored.
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    model: str | None = None
-    n: int = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    # OpenAI fields this engine does not implement: rejected when set to a non-default value
-    stop: Any = None
-    echo: Any = None
-    suffix: Any = None
-    best_of: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    tools: Any = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    min_tokens: int = 0
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
-    # routereplay fields
-    return_routed_experts: bool | None = None
-    routed_experts_start: int = 0
-    rollout_id: str | None = None
-
-
-class CompletionBody(_Body):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: bool | int | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage]
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
-
-
-class GenerateBody(BaseModel):
-    """SGLang's native ``/generate``, the subset RL frameworks use (slime's rollouts): one prompt, no stream."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    text: str | None = None
-    input_ids: list[int] | None = None
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
-    return_logprob: bool = False
-    top_logprobs_num: int = 0  # with return_logprob: the N most likely tokens at each generated position
-    return_routed_experts: bool = False
-    routed_experts_start_len: int = 0
-    rid: str | None = None  # also the routing store key
-    stream: bool = False
-
-
-# SGLang sampling parameter -> SamplingParams field
-_SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "n": "n", "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
-                    "no_stop_trim": "include_stop_str_in_output", "skip_special_tokens": "skip_special_tokens",
-                    "sampling_seed": "seed", "min_new_tokens": "min_tokens"}
-# Accepted and without effect: transformers 5 tokenizers ignore it when decoding (no spaces are put between
-# special tokens). slime sends it with every rollout.
-_SGLANG_NO_EFFECT = {"spaces_between_special_tokens"}
-
-
-class AbortBody(BaseModel):
-    """SGLang's ``/abort_request``: one rollout (``rid``: /generate's rid or an OpenAI rollout_id) or all."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    rid: str = ""
-    abort_all: bool = False
-
-
-class PauseBody(BaseModel):
-    """SGLang's ``/pause_generation`` modes: ``abort`` ends the requests in flight with what they generated
-    (as /abort_request), ``retract`` frees their KV cache (recomputed on continue, e.g. with synced weights),
-    ``in_place`` keeps them as they are."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    mode: Literal["abort", "retract", "in_place"] = "abort"
-
-
-class WeightGroupBody(BaseModel):
-    """SGLang's ``/init_weights_update_group``: this server joins as rank ``rank_offset`` (one rank, whatever
-    its tensor-parallel size); the trainer is rank 0 and hosts the rendezvous."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    master_address: str
-    master_port: int
-    rank_offset: int
-    world_size: int
-    group_name: str = "weight_update_group"
-    backend: Literal["gloo", "nccl"] = "nccl"
-
-
-class DistributedWeightsBody(BaseModel):
-    """SGLang's ``/update_weights_from_distributed``: rank 0 broadcasts each tensor in ``names`` order."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    names: list[str]
-    dtypes: list[str]
-    shapes: list[list[int]]
-    group_name: str = "weight_update_group"
-    flush_cache: bool = True  # the prefix cache is always dropped after a sync (it holds the old weights' KV)
-
-
-class GroupNameBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    group_name: str = "weight_update_group"
-
-
-class UpdateWeightsBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
-
-    model_path: str  # a checkpoint directory (safetensors, transformers names), e.g. the trainer's save
-
-
-
-_UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "presence_penalty": 0,
-                "frequency_penalty": 0, "tools": 0}  # field -> the numeric value that means "off"
-
-
-# ---- the engine thread ------------------------------------------------------------------------------
-@dataclass(slots=True, eq=False)
-class _Job:
-    """One engine request; ``events`` is shared by all jobs of one HTTP request."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None
-    stream: bool
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    seqs: list = field(default_factory=list)
-    sent: list[int] = field(default_factory=list)  # streamed tokens per sample
-
-    def emit(self, event: tuple) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
-
-
-_STOP = ("stop", None)
-
-
-class EngineThread:
-    """The only thread that touches the LLMEngine.
-
-    Events sent to a job's queue: ``("delta", rid, sample, token_ids, logprobs, top_logprobs)`` (streaming jobs),
-    ``("done", rid, RequestOutput)`` or ``("error", rid, message)``.
-    """
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs: dict[str, _Job] = {}
-        self._thread = threading.Thread(target=self._run, name="routereplay-engine", daemon=True)
-        self.failed: str | None = None
-        self.pending = 0  # submitted, not yet taken by the engine thread
-        self.paused = False  # written by the engine thread only: no step runs while set
-        self._pending_lock = threading.Lock()
-        self.snapshot: dict[str, int] = self._take_snapshot()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.failed is None
-
-    def submit(self, job: _Job) -> None:
-        with self._pending_lock:
-            self.pending += 1
-        self._inbox.put(("add", job))
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
-    def call(self, fn, done) -> None:
-        """Run ``fn(engine)`` on the engine thread between two steps; then ``done(result, error message)``."""
-        self._inbox.put(("call", (fn, done)))
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Fail what is still in flight and end the thread (the caller closes the engine)."""
-        if self._thread.is_alive():
-            self._inbox.put(_STOP)
-            self._thread.join(timeout)
-
-    def _take_snapshot(self) -> dict[str, int]:
-        s = self.engine.scheduler
-        return {**self.engine.stats, "waiting": len(s.waiting), "running": len(s.running)}
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as e:  # a bug in the engine loop: fail loudly, never hang clients
-            self.failed = f"engine thread died: {type(e).__name__}: {e}"
-            log.exception("engine thread died")
-            self._fail_all(self.failed)
-            self._reject_queued([], self.failed)
-
-    def _loop(self) -> None:
-        engine = self.engine
-        while True:
-            # Idle: block on the inbox. Busy: take whatever arrived and step again.
-            cmds = [] if engine.has_unfinished() and not self.paused else [self._inbox.get()]
-            while True:
-                try:
-                    cmds.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for i, (kind, arg) in enumerate(cmds):
-                if kind == "stop":
-                    self._shutdown(cmds[i + 1 :])
-                    return
-                if kind == "add":
-                    with self._pending_lock:
-                        self.pending -= 1
-                    self._add(arg)
-                elif kind == "abort" and self._jobs.pop(arg, None) is not None:
-                    engine.abort(arg)
-                elif kind == "call":
-                    fn, done = arg
-                    try:
-                        result = fn(engine)
-                    except Exception as e:
-                        done(None, f"{type(e).__name__}: {e}")
-                    else:
-                        done(result, None)
-            if engine.has_unfinished() and not self.paused:
-                try:
-                    finished = engine.step()
-                except Exception as e:
-                    log.exception("engine step failed; failing %d in-flight requests", len(self._jobs))
-                    for rid in list(self._jobs):
-                        engine.abort(rid)
-                    self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
-                    finished = []
-                self._publish(finished)
-            self.snapshot = self._take_snapshot()
-
-    def _add(self, job: _Job) -> None:
-        try:
-            self.engine.add_request(job.prompt_token_ids, job.params, request_id=job.request_id,
-                                    prompt=job.prompt)
-        except Exception as e:  # validated by the handler already; a race such as a reused id
-            job.emit(("error", job.request_id, f"{type(e).__name__}: {e}"))
-            return
-        job.seqs = list(self.engine.requests[job.request_id].seqs)
-        job.sent = [0] * len(job.seqs)
-        self._jobs[job.request_id] = job
-
-    def end_early(self, rid: str, every: bool) -> int:
-        """(engine thread) End the matching requests now with what they generated, finish_reason "abort"
-        (``LLMEngine.abort(keep_output=True)``); their callers get the partial outputs. Returns how many."""
-        ended = [self.engine.abort(request_id, keep_output=True) for request_id, job in list(self._jobs.items())
-                 if every or rid in (request_id, job.params.rollout_id)]
-        self._publish([out for out in ended if out is not None])
-        return len(ended)
-
-    def _publish(self, finished: list[RequestOutput]) -> None:
-        for job in self._jobs.values():
-            if job.stream:
-                for i, seq in enumerate(job.seqs):
-                    start = seq.num_prompt_tokens + job.sent[i]
-                    new = seq.token_ids[start:]
-                    if new:
-                        a, b = job.sent[i], job.sent[i] + len(new)
-                        tops = seq.top_logprobs[a:b] if seq.params.top_logprobs else None
-                        job.emit(("delta", job.request_id, i, new, seq.logprobs[a:b], tops))
-                        job.sent[i] = b
-        for out in finished:
-            job = self._jobs.pop(out.request_id, None)
-            if job is not None:
-                job.emit(("done", out.request_id, out))
-
-    def _fail_all(self, message: str) -> None:
-        for job in self._jobs.values():
-            job.emit(("error", job.request_id, message))
-        self._jobs.clear()
-
-    def _shutdown(self, taken: list) -> None:
-        for rid in list(self._jobs):
-            self.engine.abort(rid)
-        self._fail_all("the server is shutting down")
-        self._reject_queued(taken, "the server is shutting down")
-
-    def _reject_queued(self, taken: list, message: str) -> None:
-        """Answer every command not carried out (already taken from the inbox, or still in it)."""
-        while True:
-            if taken:
-                kind, arg = taken.pop(0)
-            else:
-                try:
-                    kind, arg = self._inbox.get_nowait()
-                except queue.Empty:
-                    return
-            if kind == "add":
-                arg.emit(("error", arg.request_id, message))
-            elif kind == "call":
-                arg[1](None, message)
 
 
 # ---- the service ----------------------------------------------------------------------------------------
@@ -511,13 +145,13 @@ class _Service:
             ids = ids["input_ids"]
         return list(ids)
 
-    def build_jobs(self, body: _Body, prompts: list[tuple[list[int], str | None]], logprobs: int | None,
-                   max_tokens: int | None, prompt_field: str, rid: str) -> list[_Job]:
+    def build_jobs(self, body: SamplingBody, prompts: list[tuple[list[int], str | None]], logprobs: int | None,
+                   max_tokens: int | None, prompt_field: str, rid: str) -> list[Job]:
         """Validate every prompt, then make the engine requests (nothing is queued on error)."""
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)):
             raise ApiError(400, f"stop must be a non-empty string or a list of them, got {body.stop!r}", "stop")
-        for name, default in _UNSUPPORTED.items():
+        for name, default in UNSUPPORTED.items():
             value = getattr(body, name, None)
             if not (value is None or value is False or value in ("", [], {})
                     or (type(value) in (int, float) and value == default)):
@@ -557,8 +191,8 @@ class _Service:
                 self.engine.validate(ids, params)
             except ValueError as e:
                 where = f"{prompt_field}[{j}]: " if len(prompts) > 1 else ""
-                raise ApiError(400, f"{where}{e}", _engine_param(str(e), prompt_field)) from None
-            jobs.append(_Job(f"{rid}-{j}", ids, params, text, body.stream, loop, events))
+                raise ApiError(400, f"{where}{e}", engine_param(str(e), prompt_field)) from None
+            jobs.append(Job(f"{rid}-{j}", ids, params, text, body.stream, loop, events))
         return jobs
 
     async def finish_routing(self, outputs: list[CompletionOutput]) -> None:
@@ -597,7 +231,7 @@ class _Service:
         top_obj = None if tops is None else [{self.token_str(t): x for t, x in top.items()} for top in tops]
         return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": top_obj, "text_offset": offsets}
 
-    async def run(self, body: _Body, prompts: list[tuple[list[int], str | None]], *, chat: bool,
+    async def run(self, body: SamplingBody, prompts: list[tuple[list[int], str | None]], *, chat: bool,
                   logprobs: int | None, max_tokens: int | None) -> JSONResponse | StreamingResponse:
         """``logprobs``: None = no log-probs, N = each token's and the N most likely at its position."""
         self.check_alive()
@@ -611,7 +245,7 @@ class _Service:
                                      media_type="text/event-stream")
         return JSONResponse(await self._complete(jobs, rid, chat))
 
-    async def _wait_all(self, jobs: list[_Job]) -> dict[str, RequestOutput]:
+    async def _wait_all(self, jobs: list[Job]) -> dict[str, RequestOutput]:
         done: dict[str, RequestOutput] = {}
         events = jobs[0].events
         try:
@@ -631,7 +265,7 @@ class _Service:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_name}
 
-    async def _complete(self, jobs: list[_Job], rid: str, chat: bool) -> dict[str, Any]:
+    async def _complete(self, jobs: list[Job], rid: str, chat: bool) -> dict[str, Any]:
         done = await self._wait_all(jobs)
         outs = [done[job.request_id] for job in jobs]
         await self.finish_routing([c for o in outs for c in o.outputs])
@@ -657,7 +291,7 @@ class _Service:
                  "total_tokens": prompt_tokens + completion_tokens}
         return {**self._head(rid, chat, False), "choices": choices, "usage": usage}
 
-    async def _stream(self, jobs: list[_Job], rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, jobs: list[Job], rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         n = jobs[0].params.n
         index = {job.request_id: j for j, job in enumerate(jobs)}
         tokens: dict[int, list[int]] = {}  # choice index -> token ids so far
@@ -773,12 +407,12 @@ class _Service:
         ids = self.tokenize(body.text, "text") if body.text is not None else list(body.input_ids)
         kwargs: dict[str, Any] = {"max_tokens": 128}  # SGLang's default
         for key, value in body.sampling_params.items():
-            if key in _SGLANG_NO_EFFECT:
+            if key in SGLANG_NO_EFFECT:
                 continue
-            if key not in _SGLANG_SAMPLING:
+            if key not in SGLANG_SAMPLING:
                 raise ApiError(400, f"sampling_params.{key} is not supported; supported: "
-                               f"{', '.join([*_SGLANG_SAMPLING, *_SGLANG_NO_EFFECT])}", f"sampling_params.{key}")
-            kwargs[_SGLANG_SAMPLING[key]] = value
+                               f"{', '.join([*SGLANG_SAMPLING, *SGLANG_NO_EFFECT])}", f"sampling_params.{key}")
+            kwargs[SGLANG_SAMPLING[key]] = value
         rid = body.rid or f"gen-{uuid.uuid4().hex}"
         try:
             _check_key(rid, "rid")
@@ -790,13 +424,13 @@ class _Service:
                                     routed_experts_start=body.routed_experts_start_len)
             self.engine.validate(ids, params)
         except ValueError as e:
-            field = _engine_param(str(e), "input_ids")
-            names = {v: k for k, v in _SGLANG_SAMPLING.items()}
+            field = engine_param(str(e), "input_ids")
+            names = {v: k for k, v in SGLANG_SAMPLING.items()}
             param = f"sampling_params.{names[field]}" if field in names else {
                 "routed_experts_start": "routed_experts_start_len", "rollout_id": "rid",
                 "top_logprobs": "top_logprobs_num"}.get(field, field)
             raise ApiError(400, str(e), param) from None
-        job = _Job(f"gen-{uuid.uuid4().hex}", ids, params, body.text, False, asyncio.get_running_loop(),
+        job = Job(f"gen-{uuid.uuid4().hex}", ids, params, body.text, False, asyncio.get_running_loop(),
                    asyncio.Queue())  # the engine's id is unique; rid may repeat, like OpenAI's rollout_id
         self.runner.submit(job)
         out = (await self._wait_all([job]))[job.request_id]
@@ -834,7 +468,7 @@ class _Service:
             return {"status": "ok", "paused": True}
         params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=False, return_routed_experts=False,
                                 store_routing=False)
-        job = _Job(f"health-{uuid.uuid4().hex}", [0], params, None, False, asyncio.get_running_loop(),
+        job = Job(f"health-{uuid.uuid4().hex}", [0], params, None, False, asyncio.get_running_loop(),
                    asyncio.Queue())
         self.runner.submit(job)
         out = (await self._wait_all([job]))[job.request_id]
@@ -999,7 +633,7 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,211 @@
+"""The server's wire protocol: request bodies (OpenAI's and SGLang's names) and errors that name the field."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+_TYPE_TAGS = {"str", "int", "bool", "float", "list", "dict", "none"}
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    """``("body", "messages", 0, "content", "str")`` -> ``"messages[0].content"``.
+
+    Union members appear in the location as type tags (``str``, ``list[int]``): they are dropped so
+    that the error names the request field.
+    """
+    text = ""
+    for p in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(p, int):
+            text += f"[{p}]"
+        elif p in _TYPE_TAGS or "[" in p:
+            break
+        else:
+            text += f".{p}" if text else p
+    return text or None
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"malformed JSON body: {err.get('msg')}", "body")
+    param = _loc_to_param(tuple(err.get("loc", ())))
+    msg = err.get("msg")
+    if param == "prompt" or (param or "").startswith("prompt["):
+        msg = "must be a string, a list of token ids, a list of strings or a list of token-id lists"
+    return ApiError(400, f"{param or 'body'}: {msg}", param or "body")
+
+
+_ENGINE_FIELD = re.compile(r"^([a-z_]+)")
+
+
+def engine_param(message: str, prompt_field: str) -> str:
+    """The request field an ``LLMEngine.validate`` message is about."""
+    if message.startswith("prompt + max_tokens"):
+        return "max_tokens"
+    m = _ENGINE_FIELD.match(message)
+    name = m.group(1) if m else "prompt"
+    return prompt_field if name in ("prompt", "prompt_token_ids") else name
+
+
+# ---- request bodies --------------------------------------------------------------------------------
+class SamplingBody(BaseModel):
+    """The fields OpenAI's completions and chat completions share."""
+
+    # Strict: a JSON API should not turn "5" into 5 or true into 1. Unknown fields are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    # OpenAI fields this engine does not implement: rejected when set to a non-default value
+    stop: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    tools: Any = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    min_tokens: int = 0
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    # routereplay fields
+    return_routed_experts: bool | None = None
+    routed_experts_start: int = 0
+    rollout_id: str | None = None
+
+
+class CompletionBody(SamplingBody):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: bool | int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(SamplingBody):
+    messages: list[ChatMessage]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class GenerateBody(BaseModel):
+    """SGLang's native ``/generate``, the subset RL frameworks use (slime's rollouts): one prompt, no stream."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    return_logprob: bool = False
+    top_logprobs_num: int = 0  # with return_logprob: the N most likely tokens at each generated position
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
+    rid: str | None = None  # also the routing store key
+    stream: bool = False
+
+
+# SGLang sampling parameter -> SamplingParams field
+SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "n": "n", "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
+                    "no_stop_trim": "include_stop_str_in_output", "skip_special_tokens": "skip_special_tokens",
+                    "sampling_seed": "seed", "min_new_tokens": "min_tokens"}
+# Accepted and without effect: transformers 5 tokenizers ignore it when decoding (no spaces are put between
+# special tokens). slime sends it with every rollout.
+SGLANG_NO_EFFECT = {"spaces_between_special_tokens"}
+
+
+class AbortBody(BaseModel):
+    """SGLang's ``/abort_request``: one rollout (``rid``: /generate's rid or an OpenAI rollout_id) or all."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    rid: str = ""
+    abort_all: bool = False
+
+
+class PauseBody(BaseModel):
+    """SGLang's ``/pause_generation`` modes: ``abort`` ends the requests in flight with what they generated
+    (as /abort_request), ``retract`` frees their KV cache (recomputed on continue, e.g. with synced weights),
+    ``in_place`` keeps them as they are."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    mode: Literal["abort", "retract", "in_place"] = "abort"
+
+
+class WeightGroupBody(BaseModel):
+    """SGLang's ``/init_weights_update_group``: this server joins as rank ``rank_offset`` (one rank, whatever
+    its tensor-parallel size); the trainer is rank 0 and hosts the rendezvous."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: Literal["gloo", "nccl"] = "nccl"
+
+
+class DistributedWeightsBody(BaseModel):
+    """SGLang's ``/update_weights_from_distributed``: rank 0 broadcasts each tensor in ``names`` order."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True  # the prefix cache is always dropped after a sync (it holds the old weights' KV)
+
+
+class GroupNameBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    group_name: str = "weight_update_group"
+
+
+class UpdateWeightsBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+
+    model_path: str  # a checkpoint directory (safetensors, transformers names), e.g. the trainer's save
+
+
+
+UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "presence_penalty": 0,
+                "frequency_penalty": 0, "tools": 0}  # field -> the numeric value that means "off"
