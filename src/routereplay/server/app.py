@@ -461,18 +461,22 @@ class _Service:
         return results[0] if len(results) == 1 else results
 
     async def health_generate(self) -> dict[str, Any]:
-        """SGLang's /health_generate (slime's heartbeat): one token through the engine, stored nowhere. While
-        generation is paused (a weight sync) the engine thread's liveness stands in for it."""
+        """SGLang's /health_generate (slime's heartbeat): while requests run, a step that finished within the
+        last second proves the engine works (a probe would queue behind them and miss the heartbeat's
+        timeout); while paused (a weight sync) the engine thread's liveness stands in; otherwise one token
+        is generated, stored nowhere."""
         self.check_alive()
         if self.runner.paused:
-            return {"status": "ok", "paused": True}
+            return {"status": "ok", "checked": "paused"}
+        if self.runner.snapshot["running"] and time.monotonic() - self.runner.last_step < 1.0:
+            return {"status": "ok", "checked": "recent step"}
         params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=False, return_routed_experts=False,
                                 store_routing=False)
         job = Job(f"health-{uuid.uuid4().hex}", [0], params, None, False, asyncio.get_running_loop(),
-                   asyncio.Queue())
+                  asyncio.Queue())
         self.runner.submit(job)
         out = (await self._wait_all([job]))[job.request_id]
-        return {"status": "ok", "paused": False, "tokens": len(out.outputs[0].token_ids)}
+        return {"status": "ok", "checked": f"generated {len(out.outputs[0].token_ids)} token"}
 
     async def on_engine_thread(self, fn) -> tuple[Any, str | None]:
         """``fn(engine)`` run between two engine steps: (its result, None) or (None, the error)."""

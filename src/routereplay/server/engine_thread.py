@@ -8,6 +8,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from routereplay.engine.llm_engine import LLMEngine
@@ -56,6 +57,7 @@ class EngineThread:
         self.failed: str | None = None
         self.pending = 0  # submitted, not yet taken by the engine thread
         self.paused = False  # written by the engine thread only: no step runs while set
+        self.last_step = 0.0  # time.monotonic() at the end of the last engine step
         self._pending_lock = threading.Lock()
         self.snapshot: dict[str, int] = self._take_snapshot()
 
@@ -134,6 +136,7 @@ class EngineThread:
                         engine.abort(rid)
                     self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
                     finished = []
+                self.last_step = time.monotonic()
                 self._publish(finished)
             self.snapshot = self._take_snapshot()
 
