@@ -69,6 +69,38 @@ def test_tp2_bf16_routing_agrees_with_tp1(tmp_path):
     assert dis.pair_rate <= 0.01, f"{dis.pair_rate:.2%} of (token, layer) expert sets differ between TP=1 and TP=2"
 
 
+def test_abort_and_retract_under_tp_keep_tokens_and_routing_exact(ckpt_root):
+    """Abort (partial output) and retract (recompute) are rank-0 bookkeeping: under TP=2 a retracted request
+    still equals the uninterrupted TP=1 run, and debug-mode rows are positions for both requests."""
+    from tests.test_capture import assert_positions
+
+    d = tiny_checkpoint(ckpt_root, "qwen3_moe")
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    alone = LLM(d, dtype="float32", max_model_len=256, block_size=8, num_kv_blocks=256)
+    expect = alone.generate(prompt_token_ids=[[5, 6, 7, 8]], sampling_params=sp, use_tqdm=False)[0]
+    alone.close()
+    llm = LLM(d, dtype="float32", max_model_len=256, block_size=8, max_num_seqs=8, num_kv_blocks=256,
+              tensor_parallel_size=2, routing_replay={"enable": True, "debug": True})
+    try:
+        engine = llm.engine
+        kept = engine.add_request([5, 6, 7, 8], sp)
+        dropped = engine.add_request([9, 10, 11], sp)
+        for _ in range(4):
+            engine.step()
+        partial = engine.abort(dropped, keep_output=True)
+        engine.retract()  # the running request is recomputed from its tokens on both ranks
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+    finally:
+        llm.close()
+    assert engine.scheduler.num_preemptions == 1 and [o.request_id for o in outs] == [kept]
+    assert outs[0].outputs[0].token_ids == expect.outputs[0].token_ids
+    assert partial.outputs[0].finish_reason == "abort" and 1 <= len(partial.outputs[0].token_ids) < 16
+    assert_positions(outs[0])
+    assert_positions(partial)
+
+
 def test_update_weights_under_tp(ckpt_root):
     from transformers import AutoModelForCausalLM
 
