@@ -241,6 +241,18 @@ def test_skip_special_tokens_false_keeps_them_in_text(qwen):
         assert (k.text != s.text) == bool(specials & set(k.token_ids))
 
 
+def test_batched_tail_decode_equals_tokenizer_decode(qwen):
+    """Stop strings are matched against one batched decode per step: it must give tokenizer.decode's text,
+    through the Rust backend and through transformers (when spaces are cleaned up)."""
+    llm = LLM(qwen, max_model_len=256)
+    tok = llm.engine.tokenizer
+    tails = [[5, 6, 2, 7], [9, 1, 0], [40, 41, 12, 13]]
+    for clean_up in (False, True):
+        tok.clean_up_tokenization_spaces = clean_up
+        for skip in (True, False):
+            assert llm.engine._decode_batch(tails, skip) == [tok.decode(t, skip_special_tokens=skip) for t in tails]
+
+
 def test_cut_at_stop_earliest_string_and_held_back_prefixes():
     assert cut_at_stop("ab</a>cd", ["cd", "</a>"]) == "ab"  # the earliest occurrence wins
     assert cut_at_stop("xx cd </a>", ["</a>", "cd"], include=True) == "xx cd"

@@ -152,38 +152,55 @@ class LLMEngine:
             for seq, n in batch:
                 seq.num_computed_tokens += n
                 self.scheduler.blocks.commit(seq)
+            going = []
             for seq, token, lp, top in zip(sampled, tokens, logprobs, tops, strict=True):
                 seq.token_ids.append(token)
                 seq.logprobs.append(lp)
                 if top is not None:
                     seq.top_logprobs.append(top)
                 self.stats["generation_tokens"] += 1
-                reason = self._stop_reason(seq, token)
-                if reason:
-                    self._finish(seq, reason)
+                p = seq.params
+                # min_tokens: too short to stop (its stop tokens were masked), as in vLLM
+                may_stop = seq.num_generated >= p.min_tokens
+                if may_stop and ((not p.ignore_eos and token in self.model_config.eos_token_ids)
+                                 or token in p.stop_token_ids):
+                    self._finish(seq, "stop")
+                else:
+                    going.append(seq)
+            hits = self._stop_strings([s for s in going if s.params.stop and s.num_generated >= s.params.min_tokens])
+            for seq in going:
+                seq.stop_reason = hits.get(seq)
+                if seq.stop_reason is not None:  # a stop string wins over the length limit of the same token
+                    self._finish(seq, "stop")
+                elif seq.num_generated >= seq.params.max_tokens or len(seq) >= self.config.max_model_len:
+                    self._finish(seq, "length")
         return self._collect(block=not batch)
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if seq.num_generated < p.min_tokens:  # too short to stop (its stop tokens were masked), as in vLLM
-            return "length" if len(seq) >= self.config.max_model_len else None
-        if (not p.ignore_eos and token in self.model_config.eos_token_ids) or token in p.stop_token_ids:
-            return "stop"
-        if p.stop:
-            seq.stop_reason = self._stop_string(seq)
-            if seq.stop_reason is not None:
-                return "stop"
-        if seq.num_generated >= p.max_tokens or len(seq) >= self.config.max_model_len:
-            return "length"
-        return None
+    def _stop_strings(self, seqs: list[Sequence]) -> dict[Sequence, str]:
+        """The stop string that ends in each sequence's newest token's text, where one does. Decoding only a
+        tail of the output keeps this O(1) per token; the tail spans more tokens than the longest stop string
+        has characters (a token decodes to at least one character, byte-fallback pieces to a replacement
+        mark). One batched decode per step: per-sequence calls cost ~3x more host time."""
+        hits: dict[Sequence, str] = {}
+        for skip in (True, False):
+            group = [s for s in seqs if s.params.skip_special_tokens is skip]
+            if not group:
+                continue
+            tails = [s.output_token_ids[-(max(map(len, s.params.stop)) + 8) :] for s in group]
+            for seq, text in zip(group, self._decode_batch(tails, skip), strict=True):
+                hit = next((x for x in seq.params.stop if x in text), None)
+                if hit is not None:
+                    hits[seq] = hit
+        return hits
 
-    def _stop_string(self, seq: Sequence) -> str | None:
-        """A stop string that ends in the newest token's text. Decoding only a tail of the output keeps
-        this O(1) per token; the tail spans more tokens than the longest stop string has characters
-        (a token decodes to at least one character, byte-fallback pieces to a replacement mark)."""
-        tail = seq.output_token_ids[-(max(map(len, seq.params.stop)) + 8) :]
-        text = self.tokenizer.decode(tail, skip_special_tokens=seq.params.skip_special_tokens)
-        return next((x for x in seq.params.stop if x in text), None)
+    def _decode_batch(self, token_ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        """``tokenizer.decode`` of each list: straight through the Rust backend when that gives the same text
+        (no clean-up of tokenization spaces), else through transformers."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None and not getattr(tok, "clean_up_tokenization_spaces", True):
+            return backend.decode_batch(token_ids, skip_special_tokens=skip_special_tokens)
+        return tok.batch_decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         req = self.requests[seq.request_id]
