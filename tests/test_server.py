@@ -541,6 +541,23 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
     assert srv.post("/generate", long_prompt).json()["meta_info"]["cached_tokens"] >= 32  # 4 full blocks of 8
     assert httpx.get(srv.url + "/flush_cache").json() == {"success": True}
     assert srv.post("/generate", long_prompt).json()["meta_info"]["cached_tokens"] == 0
+    greedy = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
+    singles = [srv.post("/generate", {"input_ids": p, "sampling_params": greedy}).json()["output_ids"]
+               for p in (prompt, [7, 8, 9])]
+    before = srv.metrics()["routereplay_requests_total"]
+    batch = srv.post("/generate", {"input_ids": [prompt, [7, 8, 9]], "rid": ["gen-b0", "gen-b1"],
+                                   "return_routed_experts": True, "sampling_params": {**greedy, "n": 2}}).json()
+    assert [x["output_ids"] for x in batch] == [singles[0], singles[0], singles[1], singles[1]]
+    assert [x["meta_info"]["routing_key"] for x in batch] == ["gen-b0/0", "gen-b0/1", "gen-b1/0", "gen-b1/1"]
+    np.testing.assert_array_equal(LocalStore(srv.store_dir).get("gen-b1/0"),
+                                  from_sglang(batch[2]["meta_info"]["routed_experts"], L_MOE, TOP_K))
+    for bad, param in [({"input_ids": [prompt, [5, VOCAB + 1]]}, "input_ids"),
+                       ({"input_ids": [prompt, [5]], "rid": ["only-one"]}, "rid"),
+                       ({"input_ids": prompt, "rid": ["a"]}, "rid")]:
+        r = srv.post("/generate", {**bad, "sampling_params": greedy})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "input_ids[1]" in srv.post("/generate", {"input_ids": [prompt, [5, VOCAB + 1]]}).json()["error"]["message"]
+    assert srv.metrics()["routereplay_requests_total"] - before == 2  # the batch's two prompts; no bad one queued
     held = srv.post("/generate", {"input_ids": prompt, "sampling_params": {
         "max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0, "stop_token_ids": [ch.token_ids[0]]}}).json()
     assert len(held["output_ids"]) == 6 and ch.token_ids[0] not in held["output_ids"]

@@ -396,15 +396,28 @@ class _Service:
         return await self.run(body, prompts, chat=True, logprobs=logprobs, max_tokens=max_tokens)
 
     async def generate(self, body: GenerateBody) -> dict[str, Any] | list[dict[str, Any]]:
-        """SGLang's ``/generate``: ``text`` or ``input_ids``, ``sampling_params`` with SGLang's names; routing
-        as SGLang returns it (``meta_info.routed_experts``: base64 of int32 ids, rows from
-        ``routed_experts_start_len``). A list comes back when ``sampling_params.n`` > 1."""
+        """SGLang's ``/generate``: ``text`` or ``input_ids`` (one prompt or a list), ``sampling_params`` with
+        SGLang's names; routing as SGLang returns it (``meta_info.routed_experts``: base64 of int32 ids, rows
+        from ``routed_experts_start_len``). A list comes back for a batch or ``sampling_params.n`` > 1, prompt
+        by prompt, sample by sample. Every prompt is validated before any is queued."""
         self.check_alive()
         if body.stream:
             raise ApiError(400, "stream is not supported on /generate: use /v1/completions", "stream")
         if (body.text is None) == (body.input_ids is None):
             raise ApiError(400, "give exactly one of text and input_ids", "text")
-        ids = self.tokenize(body.text, "text") if body.text is not None else list(body.input_ids)
+        field = "text" if body.text is not None else "input_ids"
+        if body.text is not None:
+            batch = isinstance(body.text, list)
+            texts = body.text if batch else [body.text]
+            prompts = [(self.tokenize(t, f"text[{j}]" if batch else "text"), t) for j, t in enumerate(texts)]
+        else:
+            batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
+            prompts = [(list(x), None) for x in (body.input_ids if batch else [body.input_ids])]
+        if batch and not (body.rid is None or (isinstance(body.rid, list) and len(body.rid) == len(prompts))):
+            raise ApiError(400, f"rid must be a list of {len(prompts)} ids for a batch of {len(prompts)}", "rid")
+        if not batch and isinstance(body.rid, list):
+            raise ApiError(400, "rid must be a string for one prompt", "rid")
+        rids = body.rid if isinstance(body.rid, list) else [body.rid] * len(prompts)
         kwargs: dict[str, Any] = {"max_tokens": 128}  # SGLang's default
         for key, value in body.sampling_params.items():
             if key in SGLANG_NO_EFFECT:
@@ -413,28 +426,37 @@ class _Service:
                 raise ApiError(400, f"sampling_params.{key} is not supported; supported: "
                                f"{', '.join([*SGLANG_SAMPLING, *SGLANG_NO_EFFECT])}", f"sampling_params.{key}")
             kwargs[SGLANG_SAMPLING[key]] = value
-        rid = body.rid or f"gen-{uuid.uuid4().hex}"
-        try:
-            _check_key(rid, "rid")
-            if body.top_logprobs_num and not body.return_logprob:
-                raise ValueError("top_logprobs_num needs return_logprob=true")
-            params = SamplingParams(**kwargs, logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num,
-                                    rollout_id=rid,
-                                    return_routed_experts=body.return_routed_experts,
-                                    routed_experts_start=body.routed_experts_start_len)
-            self.engine.validate(ids, params)
-        except ValueError as e:
-            field = engine_param(str(e), "input_ids")
-            names = {v: k for k, v in SGLANG_SAMPLING.items()}
-            param = f"sampling_params.{names[field]}" if field in names else {
-                "routed_experts_start": "routed_experts_start_len", "rollout_id": "rid",
-                "top_logprobs": "top_logprobs_num"}.get(field, field)
-            raise ApiError(400, str(e), param) from None
-        job = Job(f"gen-{uuid.uuid4().hex}", ids, params, body.text, False, asyncio.get_running_loop(),
-                   asyncio.Queue())  # the engine's id is unique; rid may repeat, like OpenAI's rollout_id
-        self.runner.submit(job)
-        out = (await self._wait_all([job]))[job.request_id]
+        jobs, events = [], asyncio.Queue()
+        for j, ((ids, text), rid) in enumerate(zip(prompts, rids, strict=True)):
+            rid = rid or f"gen-{uuid.uuid4().hex}"
+            try:
+                _check_key(rid, f"rid[{j}]" if batch else "rid")
+                if body.top_logprobs_num and not body.return_logprob:
+                    raise ValueError("top_logprobs_num needs return_logprob=true")
+                params = SamplingParams(**kwargs, logprobs=body.return_logprob, top_logprobs=body.top_logprobs_num,
+                                        rollout_id=rid, return_routed_experts=body.return_routed_experts,
+                                        routed_experts_start=body.routed_experts_start_len)
+                self.engine.validate(ids, params)
+            except ValueError as e:
+                name = engine_param(str(e), field)
+                names = {v: k for k, v in SGLANG_SAMPLING.items()}
+                param = f"sampling_params.{names[name]}" if name in names else {
+                    "routed_experts_start": "routed_experts_start_len", "rollout_id": "rid",
+                    "top_logprobs": "top_logprobs_num"}.get(name, name)
+                where = f"{field}[{j}]: " if batch else ""
+                raise ApiError(400, f"{where}{e}", param) from None
+            # the engine's id is unique; rid may repeat, like OpenAI's rollout_id
+            jobs.append(Job(f"gen-{uuid.uuid4().hex}", ids, params, text, False, asyncio.get_running_loop(), events))
+        for job in jobs:
+            self.runner.submit(job)
+        done = await self._wait_all(jobs)
+        results = [result for job in jobs for result in await self._generate_results(body, job, done[job.request_id])]
+        return results if batch or len(results) > 1 else results[0]
+
+    async def _generate_results(self, body: GenerateBody, job: Job, out: RequestOutput) -> list[dict[str, Any]]:
+        """SGLang's reply items for one prompt: one per sample."""
         await self.finish_routing(out.outputs)
+        params, ids, rid = job.params, job.prompt_token_ids, job.params.rollout_id
         results = []
         for c in out.outputs:
             text = self.decode(c.token_ids, params)
@@ -458,7 +480,7 @@ class _Service:
             if self.engine.store_writer is not None:
                 meta.update(routing_key=c.routing_key, routing_error=c.routing_error)
             results.append({"text": text, "output_ids": c.token_ids, "meta_info": meta})
-        return results[0] if len(results) == 1 else results
+        return results
 
     async def health_generate(self) -> dict[str, Any]:
         """SGLang's /health_generate (slime's heartbeat): while requests run, a step that finished within the

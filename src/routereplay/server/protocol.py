@@ -124,18 +124,19 @@ class ChatBody(SamplingBody):
 
 
 class GenerateBody(BaseModel):
-    """SGLang's native ``/generate``, the subset RL frameworks use (slime's rollouts): one prompt, no stream."""
+    """SGLang's native ``/generate``, the subset RL frameworks use (slime's rollouts): one prompt or a batch
+    (lists of ``text`` / ``input_ids``, ``rid`` then a list too), no stream."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    text: str | None = None
-    input_ids: list[int] | None = None
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     return_logprob: bool = False
     top_logprobs_num: int = 0  # with return_logprob: the N most likely tokens at each generated position
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
-    rid: str | None = None  # also the routing store key
+    rid: str | list[str] | None = None  # also the routing store key
     stream: bool = False
 
 
