@@ -224,6 +224,36 @@ def test_min_tokens_masks_what_would_stop_the_completion(qwen):
         run(min_tokens=13)
 
 
+def test_penalties_shape_the_distribution_sampled_from(qwen):
+    """Greedy tokens and log-probs with penalties equal transformers' logits penalised by hand: repetition
+    over prompt + output (first token), presence + frequency over the output (second token)."""
+    from tests.helpers import reference_forward
+
+    llm = LLM(qwen, max_model_len=256)
+    prompt = [5, 6, 7, 8, 5]
+    pen = dict(repetition_penalty=1.7, presence_penalty=0.6, frequency_penalty=0.9)
+    c = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        temperature=0, max_tokens=2, ignore_eos=True, **pen), use_tqdm=False)[0].outputs[0]
+
+    def penalised(ids: list[int], output: list[int]) -> torch.Tensor:
+        row = reference_forward(qwen, ids)[0][-1].clone()
+        seen = torch.tensor(sorted(set(ids)))
+        row[seen] = torch.where(row[seen] > 0, row[seen] / 1.7, row[seen] * 1.7)
+        for t in set(output):
+            row[t] -= 0.9 * output.count(t) + 0.6
+        return torch.log_softmax(row, -1)
+
+    for k in range(2):
+        expect = penalised(prompt + c.token_ids[:k], c.token_ids[:k])
+        assert c.token_ids[k] == int(expect.argmax())
+        assert c.logprobs[k] == pytest.approx(float(expect[c.token_ids[k]]), abs=1e-4)
+    plain = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert plain.logprobs[0] != pytest.approx(c.logprobs[0], abs=1e-3)  # the penalty changed something
+    with pytest.raises(ValueError, match=r"presence_penalty must be in \[-2, 2\]"):
+        llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(presence_penalty=3), use_tqdm=False)
+
+
 def test_skip_special_tokens_false_keeps_them_in_text(qwen):
     llm = LLM(qwen, max_model_len=256)
     specials = set(llm.tokenizer.all_special_ids)

@@ -558,6 +558,12 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert "input_ids[1]" in srv.post("/generate", {"input_ids": [prompt, [5, VOCAB + 1]]}).json()["error"]["message"]
     assert srv.metrics()["routereplay_requests_total"] - before == 2  # the batch's two prompts; no bad one queued
+    pen = {"repetition_penalty": 1.7, "presence_penalty": 0.6, "frequency_penalty": 0.9}
+    penalised = srv.post("/generate", {"input_ids": prompt, "sampling_params": {**greedy, **pen}}).json()
+    same = srv.client().completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+                                           presence_penalty=0.6, frequency_penalty=0.9,
+                                           extra_body={"ignore_eos": True, "repetition_penalty": 1.7})
+    assert penalised["output_ids"] == same.choices[0].token_ids != singles[0]
     held = srv.post("/generate", {"input_ids": prompt, "sampling_params": {
         "max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0, "stop_token_ids": [ch.token_ids[0]]}}).json()
     assert len(held["output_ids"]) == 6 and ch.token_ids[0] not in held["output_ids"]
@@ -573,7 +579,8 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
     again = srv.post("/generate", {"input_ids": prompt, "sampling_params": slime}).json()
     assert [x["output_ids"] for x in again] == [x["output_ids"] for x in got]  # sampling_seed is the seed
 
-    for bad, param in [({"sampling_params": {"frequency_penalty": 1.0}}, "sampling_params.frequency_penalty"),
+    for bad, param in [({"sampling_params": {"frequency_penalty": 5.0}}, "sampling_params.frequency_penalty"),
+                       ({"sampling_params": {"min_p": 0.1}}, "sampling_params.min_p"),
                        ({"sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
                        ({"text": "hi"}, "text"), ({"stream": True}, "stream"),
                        ({"routed_experts_start_len": 99}, "routed_experts_start_len"),
@@ -772,7 +779,8 @@ BAD = [
     ("top_logprobs-without-logprobs", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                              "top_logprobs": 2}, 400, "top_logprobs"),
     ("presence_penalty", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                "presence_penalty": 0.5}, 400, "presence_penalty"),
+                                "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("repetition_penalty", CMP, {**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty"),
 ]
 
 

@@ -22,6 +22,12 @@ class SamplingParams:
     # EOS, stop_token_ids and stop strings cannot end a completion before it has this many tokens: their
     # tokens are masked out of the distribution sampled from (log-probs included), as in vLLM
     min_tokens: int = 0
+    # Penalties (vLLM / OpenAI semantics) shape the distribution sampled from, so the log-probs include them:
+    # presence subtracts once per token present in the output, frequency once per occurrence; repetition
+    # divides positive / multiplies negative logits of tokens in the prompt or the output.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     # Stop strings (needs the model's tokenizer): the completion ends with the token that completes
@@ -61,6 +67,11 @@ class SamplingParams:
              f"must be an integer in [0, max_tokens={self.max_tokens}]"),
             ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
              f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
+            ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("frequency_penalty", _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("repetition_penalty", _num(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
             ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
              f"must be token ids in [0, {vocab_size})"),

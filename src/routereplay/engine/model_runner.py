@@ -40,6 +40,18 @@ class StepInputs:
     sample_rows: list[int]
 
 
+def _penalize(row: torch.Tensor, seq: Sequence, p) -> None:
+    """Presence / frequency penalties over the output tokens, repetition penalty over prompt and output,
+    in place on one row of logits (vLLM's order: repetition first)."""
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(seq.token_ids)), device=row.device)
+        x = row[seen]
+        row[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    if seq.num_generated and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(seq.output_token_ids, device=row.device), minlength=row.numel())
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config = config
@@ -214,9 +226,12 @@ class ModelRunner:
         dev = self.device
         p = [s.params for s in to_sample]
         eos = self.config.model_config.eos_token_ids
-        for i, s in enumerate(to_sample):  # min_tokens: what would end the completion cannot be sampled yet
-            if s.num_generated < s.params.min_tokens:
-                logits[i, s.params.stop_token_ids + ([] if s.params.ignore_eos else eos)] = float("-inf")
+        for i, s in enumerate(to_sample):  # rare per-request logit changes, row by row
+            x = s.params
+            if x.presence_penalty or x.frequency_penalty or x.repetition_penalty != 1:
+                _penalize(logits[i], s, x)
+            if s.num_generated < x.min_tokens:  # what would end the completion cannot be sampled yet
+                logits[i, x.stop_token_ids + ([] if x.ignore_eos else eos)] = float("-inf")
         temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev)
         top_k = torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev)
         top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev)

@@ -87,14 +87,15 @@ class SamplingBody(BaseModel):
     suffix: Any = None
     best_of: Any = None
     logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     tools: Any = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -144,7 +145,8 @@ class GenerateBody(BaseModel):
 SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                     "n": "n", "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
                     "no_stop_trim": "include_stop_str_in_output", "skip_special_tokens": "skip_special_tokens",
-                    "sampling_seed": "seed", "min_new_tokens": "min_tokens"}
+                    "sampling_seed": "seed", "min_new_tokens": "min_tokens", "presence_penalty": "presence_penalty",
+                    "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty"}
 # Accepted and without effect: transformers 5 tokenizers ignore it when decoding (no spaces are put between
 # special tokens). slime sends it with every rollout.
 SGLANG_NO_EFFECT = {"spaces_between_special_tokens"}
@@ -208,5 +210,5 @@ class UpdateWeightsBody(BaseModel):
 
 
 
-UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "presence_penalty": 0,
-                "frequency_penalty": 0, "tools": 0}  # field -> the numeric value that means "off"
+# field -> the numeric value that means "off"
+UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "tools": 0}
