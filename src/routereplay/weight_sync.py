@@ -21,9 +21,8 @@ import httpx
 import torch
 import torch.distributed as dist
 
-from routereplay.models.loader import check_update
+from routereplay.models.loader import check_update, in_chunks
 
-WEIGHT_CHUNK_BYTES = 1 << 30  # received tensors are loaded a chunk at a time: the model is never held twice
 _TIMEOUT = timedelta(seconds=600)
 
 
@@ -58,18 +57,17 @@ def receive_weights(engine, group: dist.ProcessGroup, names: list[str], dtypes: 
         error = None
     except ValueError as e:
         error = e
-    device = engine.runner.device
-    written, chunk, size = 0, [], 0
-    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes, strict=True)):
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        group.broadcast(buf, 0).wait()
-        if error is not None:
-            continue
-        chunk.append((name, buf))
-        size += buf.numel() * buf.element_size()
-        if size >= WEIGHT_CHUNK_BYTES or i == len(names) - 1:
+
+    def received():
+        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+            buf = torch.empty(shape, dtype=dtype, device=engine.runner.device)
+            group.broadcast(buf, 0).wait()
+            yield name, buf
+
+    written = 0
+    for chunk in in_chunks(received()):
+        if error is None:
             written += engine.update_weights(chunk)
-            chunk, size = [], 0
     if error is not None:
         raise error
     return written

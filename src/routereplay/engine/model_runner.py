@@ -15,14 +15,13 @@ from routereplay.engine.context import Context, reset_context, set_context
 from routereplay.engine.sequence import Sequence
 from routereplay.layers.parallel import TP
 from routereplay.layers.sampler import sample, top_logprobs
-from routereplay.models.loader import check_update, load_checkpoint, update_weights
+from routereplay.models.loader import check_update, in_chunks, load_checkpoint, update_weights
 from routereplay.models.transformer import MoECausalLM
 
 CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
 # A tiny model on a large GPU would otherwise get tens of millions of blocks, and the block manager's
 # per-block bookkeeping would take minutes to build; 1M blocks are 16M cached tokens at block size 16.
 MAX_KV_BLOCKS = 1 << 20
-WEIGHT_SYNC_CHUNK_BYTES = 1 << 30  # update_weights under TP: tensors received before they are written
 
 
 @dataclass(slots=True)
@@ -331,16 +330,13 @@ class ModelRunner:
         """Every rank, under tensor parallelism: rank 0 broadcasts each tensor (NCCL on GPUs, gloo on
         CPU) and every rank writes its shard, a chunk at a time, so no rank holds the model twice.
         Rank 0 passes the tensors, the workers their (shape, dtype)."""
-        written, chunk, size = 0, [], 0
-        for i, (name, t) in enumerate(zip(names, tensors, strict=True)):
-            if isinstance(t, torch.Tensor):
-                buf = t.detach().to(self.device).contiguous()
-            else:
-                buf = torch.empty(t[0], dtype=t[1], device=self.device)
-            dist.broadcast(buf, src=0)
-            chunk.append((name, buf))
-            size += buf.numel() * buf.element_size()
-            if size >= WEIGHT_SYNC_CHUNK_BYTES or i == len(names) - 1:
-                written += update_weights(self.model, chunk)
-                chunk, size = [], 0
-        return written
+        def received():
+            for name, t in zip(names, tensors, strict=True):
+                if isinstance(t, torch.Tensor):
+                    buf = t.detach().to(self.device).contiguous()
+                else:
+                    buf = torch.empty(t[0], dtype=t[1], device=self.device)
+                dist.broadcast(buf, src=0)
+                yield name, buf
+
+        return sum(update_weights(self.model, chunk) for chunk in in_chunks(received()))

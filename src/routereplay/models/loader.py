@@ -173,6 +173,22 @@ def check_update(model: nn.Module, items: list[tuple[str, torch.Tensor]]) -> lis
     return _check(model, [(n, tuple(t.shape)) for n, t in items], "update_weights", strict=False)
 
 
+WEIGHT_CHUNK_BYTES = 1 << 30  # weights received from elsewhere are written this much at a time: never held twice
+
+
+def in_chunks(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The (name, tensor) pairs in order, grouped into lists of about WEIGHT_CHUNK_BYTES."""
+    chunk, size = [], 0
+    for name, t in named_tensors:
+        chunk.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= WEIGHT_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def update_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     """In-place sync of any subset of weights (transformers runtime names or checkpoint names).
 

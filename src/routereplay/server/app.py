@@ -668,21 +668,22 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail)).response()
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
-        return await svc.completions(body)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody) -> Any:
-        return await svc.chat(body)
-
-    @app.post("/generate")
-    async def generate(body: GenerateBody) -> Any:
-        return await svc.generate(body)
-
-    @app.api_route("/flush_cache", methods=["GET", "POST"])  # SGLang takes both; some RL clients send GET
-    async def flush_cache() -> dict[str, Any]:
-        return await svc.flush_cache()
+    # Endpoints that hand their body (if any) straight to the service; response_model=None: the handlers
+    # return dicts or responses as they are.
+    for methods, path, handler in [
+        (["POST"], "/v1/completions", svc.completions),
+        (["POST"], "/v1/chat/completions", svc.chat),
+        (["POST"], "/generate", svc.generate),
+        (["GET", "POST"], "/flush_cache", svc.flush_cache),  # SGLang takes both; some RL clients send GET
+        (["POST"], "/abort_request", svc.abort_request),
+        (["POST"], "/init_weights_update_group", svc.init_weights_update_group),
+        (["POST"], "/update_weights_from_distributed", svc.update_weights_from_distributed),
+        (["POST"], "/destroy_weights_update_group", svc.destroy_weights_update_group),
+        (["POST"], "/update_weights_from_disk", svc.update_weights_from_disk),
+        (["GET"], "/health_generate", svc.health_generate),
+        (["GET"], "/v1/models", svc.models),
+    ]:
+        app.add_api_route(path, handler, methods=methods, response_model=None)
 
     @app.post("/pause_generation")
     async def pause_generation(body: PauseBody | None = None) -> dict[str, Any]:
@@ -692,39 +693,11 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     async def continue_generation() -> dict[str, Any]:
         return await svc.set_paused(False)
 
-    @app.post("/abort_request")
-    async def abort_request(body: AbortBody) -> dict[str, Any]:
-        return await svc.abort_request(body)
-
-    @app.post("/init_weights_update_group")
-    async def init_weights_update_group(body: WeightGroupBody) -> dict[str, Any]:
-        return await svc.init_weights_update_group(body)
-
-    @app.post("/update_weights_from_distributed")
-    async def update_weights_from_distributed(body: DistributedWeightsBody) -> dict[str, Any]:
-        return await svc.update_weights_from_distributed(body)
-
-    @app.post("/destroy_weights_update_group")
-    async def destroy_weights_update_group(body: GroupNameBody) -> dict[str, Any]:
-        return await svc.destroy_weights_update_group(body)
-
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(body: UpdateWeightsBody) -> dict[str, Any]:
-        return await svc.update_weights_from_disk(body)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return svc.models()
-
     @app.get("/health")
     async def health() -> JSONResponse:
         if svc.runner.alive:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "error", "message": svc.runner.failed or "not started"}, status_code=503)
-
-    @app.get("/health_generate")
-    async def health_generate() -> dict[str, Any]:
-        return await svc.health_generate()
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
