@@ -14,7 +14,7 @@ import pytest
 import redis
 
 import routereplay.store as store_mod
-from routereplay.store import LocalStore, RedisStore, RoutingStore, StoreWriter
+from routereplay.store import LocalStore, RedisStore, RoutingStore, StoreQueueFull, StoreWriter
 
 # ---------------------------------------------------------------- helpers
 
@@ -348,7 +348,12 @@ def test_writer_many_threads_all_land(tmp_path: Path) -> None:
 
     def producer(p: int) -> None:
         for i in range(40):
-            f = w.submit(f"p{p}/{i}", routing(i % 5, seed=p * 100 + i))
+            while True:
+                try:
+                    f = w.submit(f"p{p}/{i}", routing(i % 5, seed=p * 100 + i))
+                    break
+                except StoreQueueFull:  # a full queue refuses at once; this producer waits and retries
+                    w.flush(timeout=1)
             with lock:
                 futures.append(f)
 
@@ -359,7 +364,7 @@ def test_writer_many_threads_all_land(tmp_path: Path) -> None:
         for t in threads:
             t.join(30)
         assert w.flush(timeout=30)
-        assert w.written == 240 and w.errors == 0 and w.queue_depth == 0
+        assert w.written == 240 and w.errors == w.rejected and w.queue_depth == 0
     assert all(f.done() and f.result() is None for f in futures)
     assert len(s.keys()) == 240
     np.testing.assert_array_equal(s.get("p5/39"), routing(39 % 5, seed=539))
@@ -373,27 +378,24 @@ def test_writer_keeps_submission_order_per_key() -> None:
     assert int(s.get("same")[0, 0, 0]) == 49
 
 
-def test_writer_backpressure_blocks_instead_of_dropping() -> None:
+def test_writer_full_queue_rejects_at_once() -> None:
     s = GatedStore()
     w = StoreWriter(s, max_queue=2)
     try:
         first = w.submit("k0", routing(1))
         assert s.entered.wait(5)  # the thread holds k0; the queue is empty again
         rest = [w.submit("k1", routing(1)), w.submit("k2", routing(1))]  # fills the queue
-        fourth: list[Future[None]] = []
-        t = threading.Thread(target=lambda: fourth.append(w.submit("k3", routing(1))))
-        t.start()
-        t.join(timeout=0.3)
-        assert t.is_alive(), "4th submit returned although the queue was full"
-        assert w.queue_depth == 3 and not fourth
+        with pytest.raises(StoreQueueFull, match=r"'k3'.*") as info:
+            w.submit("k3", routing(1))
+        assert info.value.key == "k3" and info.value.max_queue == 2 and "(2 writes waiting" in str(info.value)
+        assert w.queue_depth == 3 and w.rejected == 1 and w.errors == 1
         assert w.flush(timeout=0.05) is False
         s.release.set()
-        t.join(timeout=10)
-        assert not t.is_alive()
         assert w.flush(timeout=10)
-        for f in [first, *rest, *fourth]:
+        for f in [first, *rest]:
             assert f.result(timeout=1) is None
-        assert s.keys() == ["k0", "k1", "k2", "k3"] and w.written == 4
+        assert s.keys() == ["k0", "k1", "k2"] and w.written == 3 and w.errors == 1
+        assert w.submit("k3", routing(1)).result(timeout=10) is None  # room again
     finally:
         s.release.set()
         w.close()

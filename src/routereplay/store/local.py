@@ -67,14 +67,19 @@ def _decode_stem(stem: str) -> str | None:
 
 
 class LocalStore(RoutingStore):
-    """Routing store in a local directory (created if missing).
+    """Routing store in a local directory (created if missing, unless ``create=False``: then a missing
+    directory is a FileNotFoundError, for readers).
 
     ``mmap=True`` makes ``get`` return read-only memory-mapped arrays instead of in-memory copies.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, mmap: bool = False, fsync: bool = False):
+    def __init__(self, directory: str | os.PathLike[str], *, mmap: bool = False, fsync: bool = False,
+                 create: bool = True):
         self.root = Path(directory).expanduser().absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise FileNotFoundError(f"no store directory {str(self.root)!r}")
         self._mmap = mmap
         self._fsync = fsync
 

@@ -3,6 +3,17 @@
 Each key is one Redis string holding the array's ``.npy`` bytes, under ``prefix + key`` so that
 several runs (or other applications) can share a database; ``clear`` only touches the namespace.
 Connection errors are raised to the caller (``redis.exceptions.ConnectionError``), never swallowed.
+
+Timeouts. A frozen or unreachable server must not hang a caller, so every socket operation is
+bounded: connecting by ``socket_connect_timeout`` and every read or write (the handshake of a new
+connection included) by ``socket_timeout``, both :data:`DEFAULT_SOCKET_TIMEOUT` seconds unless the
+URL says otherwise, e.g. ``redis://host:6379/0?socket_timeout=10&socket_connect_timeout=2``. An
+operation past its timeout raises ``redis.exceptions.TimeoutError``. A timed-out write may still
+land if the server was only slow (it may have read the command before stalling). A ``client``
+passed in keeps its own settings.
+
+``put_many`` sends the whole batch in one pipelined round trip, so a frozen server fails the batch
+after one timeout instead of one timeout per key.
 """
 
 from __future__ import annotations
@@ -13,9 +24,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 import redis
 
-from . import RoutingStore, from_npy_bytes, to_npy_bytes, validate_key
+from . import RoutingStore, StoreBatchError, from_npy_bytes, to_npy_bytes, validate_key
 
 DEFAULT_PREFIX = "routereplay:"
+# Older redis-py releases wait forever by default (None), so it is set for every version; the URL's
+# socket_timeout / socket_connect_timeout win over it.
+DEFAULT_SOCKET_TIMEOUT = 5.0
 _GLOB_SPECIAL = "\\*?[]"
 
 
@@ -46,7 +60,8 @@ class RedisStore(RoutingStore):
     """Routing store in Redis: ``RedisStore("redis://host:6379/0?prefix=run1:&ttl=86400")``.
 
     ``prefix`` / ``ttl`` keyword arguments override the URL's. ``ttl`` (seconds, > 0) makes every
-    put expire; None keeps values until deleted. Other query parameters go to redis-py.
+    put expire; None keeps values until deleted. Other query parameters go to redis-py, e.g.
+    ``socket_timeout`` / ``socket_connect_timeout`` (seconds, default :data:`DEFAULT_SOCKET_TIMEOUT`).
     """
 
     def __init__(
@@ -66,7 +81,9 @@ class RedisStore(RoutingStore):
             raise ValueError(f"ttl must be a positive number of seconds, got {self.ttl}")
         # A client passed in stays the caller's (not closed by close()); it must not decode responses.
         self._owns_client = client is None
-        self.client = client if client is not None else redis.Redis.from_url(conn_url)
+        self.client = client if client is not None else redis.Redis.from_url(
+            conn_url, socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT
+        )
         self._url = url
 
     def __repr__(self) -> str:
@@ -75,11 +92,41 @@ class RedisStore(RoutingStore):
     def _name(self, key: str) -> str:
         return self.prefix + validate_key(key)
 
-    def put(self, key: str, array: np.ndarray) -> None:
+    def _value(self, key: str, array: np.ndarray) -> bytes:
         arr = np.asarray(array)
         if arr.dtype.hasobject:
             raise ValueError(f"cannot store an object array under {key!r}")
-        self.client.set(self._name(key), to_npy_bytes(arr), ex=self.ttl)
+        return to_npy_bytes(arr)
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        self.client.set(self._name(key), self._value(key, array), ex=self.ttl)
+
+    def put_many(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
+        """One pipelined round trip (no transaction: each SET succeeds or fails on its own)."""
+        keys: list[str] = []
+        errors: list[Exception | None] = []
+        sent: list[int] = []  # indexes of the items in the pipeline
+        pipe = self.client.pipeline(transaction=False)
+        for i, (key, array) in enumerate(items):
+            keys.append(key)
+            try:
+                pipe.set(self._name(key), self._value(key, array), ex=self.ttl)
+            except (TypeError, ValueError) as exc:  # this item only: a bad key or an object array
+                errors.append(exc)
+                continue
+            errors.append(None)
+            sent.append(i)
+        if sent:
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except redis.exceptions.RedisError as exc:  # the round trip failed: so did every write in it
+                for i in sent:
+                    errors[i] = exc
+            else:
+                for i, reply in zip(sent, replies, strict=True):
+                    if isinstance(reply, Exception):  # e.g. OOM: a command error, for this write only
+                        errors[i] = reply
+        StoreBatchError.raise_if_any(keys, errors)
 
     def get(self, key: str) -> np.ndarray:
         data = self.client.get(self._name(key))
