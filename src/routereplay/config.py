@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -16,6 +17,8 @@ import torch
 from routereplay.models import ALIASES, get_family
 from routereplay.models.family import Family
 from routereplay.routing.codec import routing_dtype
+
+log = logging.getLogger("routereplay.config")
 
 STORES = ("none", "local", "redis")
 
@@ -192,7 +195,11 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         self.model_config = ModelConfig.from_dir(self.model)
-        self.max_model_len = min(self.max_model_len, self.model_config.max_position_embeddings)
+        limit = self.model_config.max_position_embeddings
+        if self.max_model_len > limit:  # positions past it are outside what the model was trained on
+            log.warning("max_model_len %d is above the model's max_position_embeddings %d: using %d",
+                        self.max_model_len, limit, limit)
+            self.max_model_len = limit
         self._check_tensor_parallel()
 
     def _check_tensor_parallel(self) -> None:

@@ -37,3 +37,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     moe_layer_ids: list[int]
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (sample 0)
+    # why the request failed (e.g. a non-finite distribution): its unfinished samples end with finish_reason
+    # "error" and no routing; None for a request that ran to its end
+    error: str | None = None

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_N = 128  # OpenAI's limit on samples per prompt
+# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): logits / T would overflow float32 long before T = 0.
+SAMPLING_EPS = 1e-5
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """`logprobs=True` returns, per generated token, its log-probability under the distribution it
     was sampled from: softmax(logits / temperature) restricted to the top-k / top-p set and
-    renormalised; for greedy (temperature 0) the plain log-softmax of the logits.
+    renormalised; for greedy (temperature below SAMPLING_EPS, e.g. 0) the plain log-softmax of the logits.
     """
 
     n: int = 1
@@ -55,53 +63,90 @@ class SamplingParams:
             self.logprobs, self.top_logprobs = True, self.logprobs
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the field (the caller adds the request index)."""
-        checks = [
-            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            ("temperature", _num(self.temperature) and self.temperature >= 0, "must be >= 0"),
-            ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
-             "must be -1 (off) or >= 1"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+        """Raise ValueError naming the field (the caller adds the request index). Checked in order, each
+        check relying on the earlier ones (min_tokens compares with an integer max_tokens)."""
+        checks: list[tuple[str, Callable[[], bool], str]] = [
+            ("n", lambda: _int(self.n, 1, MAX_N), f"must be an integer in [1, {MAX_N}]"),
+            ("temperature", lambda: _real(self.temperature) and self.temperature >= 0,
+             f"must be a number >= 0, finite in float32 (below {SAMPLING_EPS}: greedy)"),
+            ("top_p", lambda: _real(self.top_p) and 0 < self.top_p <= 1 and np.float32(self.top_p) > 0,
+             "must be in (0, 1] and not 0 in float32"),
+            ("top_k", lambda: _int(self.top_k, -1, vocab_size),
+             f"must be -1 or 0 (off) or an integer in [1, vocab size {vocab_size}]"),
+            ("max_tokens", lambda: _int(self.max_tokens, 1), "must be an integer >= 1"),
+            ("min_tokens", lambda: _int(self.min_tokens, 0, self.max_tokens),
              f"must be an integer in [0, max_tokens={self.max_tokens}]"),
-            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            ("top_logprobs", lambda: _int(self.top_logprobs, 0, MAX_TOP_LOGPROBS),
              f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
-            ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            ("presence_penalty", lambda: _real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "must be in [-2, 2]"),
-            ("frequency_penalty", _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            ("frequency_penalty", lambda: _real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "must be in [-2, 2]"),
-            ("repetition_penalty", _num(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer or None"),
-            ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
-             f"must be token ids in [0, {vocab_size})"),
-            ("stop", isinstance(self.stop, list) and all(isinstance(x, str) and x for x in self.stop),
+            # Tiny values that scale logits past float32's range are left to the runner: the request fails alone
+            # with a non-finite-distribution error (ModelRunner.run), as any other overflow would.
+            ("repetition_penalty", lambda: (_real(self.repetition_penalty) and self.repetition_penalty > 0
+                                            and np.float32(self.repetition_penalty) > 0),
+             "must be > 0, not 0 in float32, and finite in float32"),
+            ("seed", lambda: self.seed is None or _int(self.seed), "must be a 64-bit integer or None"),
+            ("stop_token_ids", lambda: isinstance(self.stop_token_ids, list)
+             and all(_int(t, 0, vocab_size - 1) for t in self.stop_token_ids),
+             f"must be a list of token ids in [0, {vocab_size})"),
+            ("stop", lambda: isinstance(self.stop, list) and all(isinstance(x, str) and x for x in self.stop),
              "must be a list of non-empty strings"),
-            ("routed_experts_start", isinstance(self.routed_experts_start, int) and self.routed_experts_start >= 0,
-             "must be an integer >= 0"),
-            ("store_routing", isinstance(self.store_routing, bool), "must be a bool"),
-            ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "must be a bool"),
-            ("rollout_id", self.rollout_id is None or _storable_key(self.rollout_id),
-             "must be a non-empty UTF-8 string without NUL"),
+            ("routed_experts_start", lambda: _int(self.routed_experts_start, 0), "must be an integer >= 0"),
+            ("return_routed_experts", lambda: self.return_routed_experts is None
+             or isinstance(self.return_routed_experts, bool), "must be a bool or None"),
+            *((name, lambda name=name: isinstance(getattr(self, name), bool), "must be a bool") for name in (
+                "logprobs", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "store_routing")),
+            ("rollout_id", lambda: self.rollout_id is None or client_key_error(self.rollout_id) is None,
+             client_key_error(self.rollout_id) or ""),
         ]
         for name, ok, why in checks:
-            if not ok:
+            if not ok():
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+def _int(x, lo: int = INT64_MIN, hi: int = INT64_MAX) -> bool:
+    """An integer (a bool is not one) in [lo, hi], within int64: it becomes a torch.long or a C integer."""
+    return isinstance(x, int) and not isinstance(x, bool) and max(lo, INT64_MIN) <= x <= min(hi, INT64_MAX)
 
 
-def _storable_key(key) -> bool:
-    """Every store backend can hold it (the store encodes path tricks; NUL and lone surrogates it cannot)."""
-    if not isinstance(key, str) or not key or "\x00" in key:
+def _real(x) -> bool:
+    """A number (not a bool) that is finite in float32, the precision the sampler works in."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
+    try:
+        return abs(float(x)) <= FLOAT32_MAX  # False for NaN, inf and ints beyond float64
+    except OverflowError:
+        return False
+
+
+def client_key_error(key) -> str | None:
+    """Why ``key`` cannot be a client's rollout id, or None. Every store backend must hold it (the store
+    encodes path tricks; NUL and lone surrogates it cannot), and it must not end in ``/<digits>``: that
+    suffix is reserved for the sample and prompt indexes of derived keys (``routing_key``), so no client
+    id can name another request's key."""
+    if not isinstance(key, str) or not key:
+        return "must be a non-empty string"
+    if "\x00" in key:
+        return "must not contain NUL characters"
     try:
         key.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return "is not valid unicode (lone surrogate)"
+    head, sep, last = key.rpartition("/")
+    if sep and last.isascii() and last.isdigit():
+        return f"must not end in '/{last}': '/<number>' suffixes are the sample and prompt indexes of stored keys"
+    return None
+
+
+def routing_key(rollout_id: str, n: int, sample: int, prompt_index: int | None = None) -> str:
+    """The store key of one sample: ``R`` (one prompt, n=1), ``R/i`` (sample i of n > 1), ``R/j/i`` (sample i
+    of prompt j of a batch sharing one rollout id). Client ids never end in ``/<digits>``
+    (``client_key_error``), so distinct (id, prompt, sample) triples never share a key."""
+    if prompt_index is not None:
+        return f"{rollout_id}/{prompt_index}/{sample}"
+    return rollout_id if n == 1 else f"{rollout_id}/{sample}"
 
 
 def cut_at_stop(text: str, stop: list[str], final: bool = True, include: bool = False) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -62,11 +63,21 @@ class LLM:
                 self.engine.validate(p, sp)
             except ValueError as e:
                 raise ValueError(f"request {i}: {e}") from None
-        request_ids = [self.engine.add_request(p, sp, prompt=t) for p, sp, t in zip(ids, params, texts, strict=True)]
+        # Prompts that share a rollout id form a batch under it, keyed per prompt as the server keys one
+        # request's prompts (rollout_id/j/i), so no two of them write the same store key.
+        uses = Counter(sp.rollout_id for sp in params if sp.rollout_id is not None)
+        shared = {r for r, count in uses.items() if count > 1}
+        request_ids: list[str] = []
         results: dict[str, RequestOutput] = {}
-        wanted = set(request_ids)
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
         try:
+            for j, (p, sp, t) in enumerate(zip(ids, params, texts, strict=True)):
+                index = j if sp.rollout_id in shared else None
+                try:
+                    request_ids.append(self.engine.add_request(p, sp, prompt=t, prompt_index=index))
+                except ValueError as e:  # e.g. its rollout id is in flight already
+                    raise ValueError(f"request {j}: {e}") from None
+            wanted = set(request_ids)
             while len(results) < len(ids):
                 for out in self.engine.step():
                     if out.request_id in wanted:  # not a request someone added to the engine directly

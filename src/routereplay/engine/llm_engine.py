@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import random
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from routereplay.engine.sequence import Sequence, Status
 from routereplay.engine.workers import Workers
 from routereplay.layers.parallel import TP
 from routereplay.outputs import CompletionOutput, RequestOutput
-from routereplay.sampling_params import SamplingParams
+from routereplay.sampling_params import SamplingParams, client_key_error, routing_key
 
 log = logging.getLogger("routereplay.engine")
 
@@ -34,6 +35,8 @@ class _Request:
     seqs: list[Sequence]
     want_routing: bool  # routed_experts in the output
     stores_routing: bool  # written to the routing store
+    key_root: str  # its samples' store keys derive from it (routing_key)
+    prompt_index: int | None  # its place in a batch that shares one rollout id
     done: dict[int, CompletionOutput] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # (output, host rows, event) awaiting the device copy
 
@@ -66,6 +69,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        self._run_id = uuid.uuid4().hex[:12]  # default request ids (store keys) differ between engines
+        self._roots_in_flight: dict[tuple[str, int | None], str] = {}  # (rollout id, prompt index) -> request
         self._rng = random.Random(config.seed)
         self.store_writer = None
         rr = config.routing_replay
@@ -93,6 +98,14 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         params.validate(mc.vocab_size)
+        if params.n > cfg.max_num_seqs:  # its samples could never run in one batch
+            raise ValueError(f"n must be <= max_num_seqs ({cfg.max_num_seqs}), got {params.n}")
+        if params.min_tokens > 0:
+            masked = set(params.stop_token_ids) | (set() if params.ignore_eos else set(mc.eos_token_ids))
+            if len(masked & set(range(mc.vocab_size))) == mc.vocab_size:
+                raise ValueError(f"min_tokens={params.min_tokens} masks every token of the vocabulary (stop_token_ids"
+                                 f"{'' if params.ignore_eos else ' and EOS'} cover all {mc.vocab_size}): "
+                                 "nothing could be sampled")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings need a tokenizer and {cfg.model} has none: use stop_token_ids")
         if not isinstance(prompt_token_ids, (list, tuple)) or len(prompt_token_ids) == 0:
@@ -103,7 +116,10 @@ class LLMEngine:
         n = len(prompt_token_ids)
         if n >= cfg.max_model_len:
             raise ValueError(f"prompt has {n} tokens, max_model_len is {cfg.max_model_len} (need room for 1 more)")
-        need = -(-min(n + params.max_tokens, cfg.max_model_len) // cfg.block_size)
+        if n + params.max_tokens > cfg.max_model_len:  # vLLM's 400, not a silently shorter completion
+            raise ValueError(f"max_tokens: this model's maximum context length is {cfg.max_model_len} tokens; the "
+                             f"prompt has {n} tokens and max_tokens is {params.max_tokens}")
+        need = -(-(n + params.max_tokens) // cfg.block_size)
         if need > self.runner.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {need} KV blocks, the pool has {self.runner.num_blocks}")
         want = self._wants_routing(params)
@@ -120,11 +136,22 @@ class LLMEngine:
         return params.return_routed_experts
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    prompt: str | None = None) -> str:
+                    prompt: str | None = None, prompt_index: int | None = None) -> str:
+        """Queue one prompt (``params.n`` samples). ``prompt_index``: its place in a batch of prompts that
+        share ``params.rollout_id`` (store keys ``rollout_id/j/i``, ``routing_key``)."""
         self.validate(prompt_token_ids, params)
-        request_id = request_id or f"req-{next(self._request_ids)}"
+        request_id = request_id or f"req-{self._run_id}-{next(self._request_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
+        stores = self.store_writer is not None and params.store_routing
+        root = (params.rollout_id or request_id, prompt_index)
+        if stores:
+            if params.rollout_id is None and (why := client_key_error(request_id)) is not None:
+                raise ValueError(f"request_id {why} (it is the store key without a rollout_id)")
+            # The same rollout twice at once would write the same keys: a later turn starts after the earlier ended.
+            if root in self._roots_in_flight:
+                raise ValueError(f"rollout_id {root[0]!r}{'' if prompt_index is None else f' (prompt {prompt_index})'}"
+                                 f" is in flight already (request {self._roots_in_flight[root]!r})")
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seqs = []
         for i in range(params.n):
@@ -134,8 +161,9 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), params, seqs,
-                                             self._wants_routing(params),
-                                             self.store_writer is not None and params.store_routing)
+                                             self._wants_routing(params), stores, root[0], prompt_index)
+        if stores:
+            self._roots_in_flight[root] = request_id
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(prompt_token_ids)
         return request_id
@@ -147,13 +175,22 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward over the scheduled batch; returns the requests that completed."""
         batch = self.scheduler.schedule()
+        failed: list[RequestOutput] = []
         if batch:
-            sampled, tokens, logprobs, tops = self.runner.run(batch)
+            sampled, tokens, logprobs, tops, errors = self.runner.run(batch)
             for seq, n in batch:
                 seq.num_computed_tokens += n
                 self.scheduler.blocks.commit(seq)
+            broken: dict[str, str] = {}  # request id -> its first broken sample's error
+            for seq, err in zip(sampled, errors, strict=True):
+                if err is not None:
+                    broken.setdefault(seq.request_id, f"sample {seq.sample_index}: the model produced a non-finite "
+                                                      f"distribution at position {len(seq)} ({err})")
+            failed = [self._fail(self.requests[rid], error) for rid, error in broken.items()]
             going = []
             for seq, token, lp, top in zip(sampled, tokens, logprobs, tops, strict=True):
+                if seq.request_id in broken:  # ended by _fail: no token of this step
+                    continue
                 seq.token_ids.append(token)
                 seq.logprobs.append(lp)
                 if top is not None:
@@ -172,9 +209,28 @@ class LLMEngine:
                 seq.stop_reason = hits.get(seq)
                 if seq.stop_reason is not None:  # a stop string wins over the length limit of the same token
                     self._finish(seq, "stop")
+                # validate keeps prompt + max_tokens within max_model_len: the second test is a safety net
                 elif seq.num_generated >= seq.params.max_tokens or len(seq) >= self.config.max_model_len:
                     self._finish(seq, "length")
-        return self._collect(block=not batch)
+        return failed + self._collect(block=not batch)
+
+    def _fail(self, req: _Request, error: str) -> RequestOutput:
+        """End ``req`` now: each unfinished sample with finish_reason "error", what it generated before, and no
+        routing (rows of a broken forward); samples that finished earlier keep theirs. The request's output
+        carries ``error``."""
+        log.error("request %r failed: %s", req.request_id, error)
+        for seq in req.seqs:
+            if seq.status is Status.FINISHED:
+                continue
+            p = seq.params
+            req.done[seq.sample_index] = CompletionOutput(
+                seq.sample_index, seq.output_token_ids, list(seq.logprobs) if p.logprobs else None, "error",
+                top_logprobs=list(seq.top_logprobs) if p.top_logprobs else None,
+                routed_experts_start=p.routed_experts_start)
+            self.scheduler.finish(seq)
+        out = self._complete(req, block=True)
+        out.error = error
+        return out
 
     def _stop_strings(self, seqs: list[Sequence]) -> dict[Sequence, str]:
         """The stop string that ends in each sequence's newest token's text, where one does. Decoding only a
@@ -235,7 +291,7 @@ class LLMEngine:
         req.pending = still
         if len(req.done) < req.params.n or req.pending:
             return None
-        del self.requests[req.request_id]
+        self._drop(req)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              [req.done[i] for i in range(req.params.n)], list(self.model_config.moe_layer_ids),
                              num_cached_tokens=req.seqs[0].num_cached_prompt_tokens)
@@ -245,8 +301,7 @@ class LLMEngine:
         if not self.config.routing_replay.debug and self.model_config.routing_dtype == np.uint16:
             array = array.view(np.uint16)  # stored as int16 on the device: same bits
         if req.stores_routing:
-            key = req.params.rollout_id or req.request_id
-            out.routing_key = key if req.params.n == 1 else f"{key}/{out.index}"
+            out.routing_key = routing_key(req.key_root, req.params.n, out.index, req.prompt_index)
             try:
                 out.store_future = self.store_writer.submit(out.routing_key, array)
             except Exception as e:  # never let one request's store failure stall the loop
@@ -269,13 +324,17 @@ class LLMEngine:
             return None
         unfinished = [seq for seq in req.seqs if seq.status is not Status.FINISHED]
         if not keep_output:
-            del self.requests[request_id]
+            self._drop(req)
             for seq in unfinished:
                 self.scheduler.finish(seq)
             return None
         for seq in unfinished:
             self._finish(seq, "abort")
         return self._complete(req, block=True)
+
+    def _drop(self, req: _Request) -> None:
+        del self.requests[req.request_id]
+        self._roots_in_flight.pop((req.key_root, req.prompt_index), None)
 
     def retract(self) -> None:
         """Free the KV cache of every running request: each is recomputed from its tokens when it is
@@ -294,9 +353,12 @@ class LLMEngine:
         for block in self.scheduler.blocks.blocks:
             block.hash, block.token_ids = None, ()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Flush the routing store writer (waiting at most ``timeout`` seconds) and stop the TP workers."""
         if self.store_writer is not None:
-            self.store_writer.close()
+            self.store_writer.close(timeout)
+            if self.store_writer.queue_depth:
+                log.error("closed with %d routing writes unfinished", self.store_writer.queue_depth)
         if self.runner.workers is not None:
             self.runner.release_graphs()
             self.runner.workers.close()

@@ -3,6 +3,7 @@ tensors, runs the forward (eagerly or by replaying a captured CUDA graph) and sa
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from routereplay.layers.parallel import TP
 from routereplay.layers.sampler import sample, top_logprobs
 from routereplay.models.loader import check_update, in_chunks, load_checkpoint, update_weights
 from routereplay.models.transformer import MoECausalLM
+from routereplay.sampling_params import SAMPLING_EPS
 
 CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
 # A tiny model on a large GPU would otherwise get tens of millions of blocks, and the block manager's
@@ -37,6 +39,17 @@ class StepInputs:
     max_q: int
     is_decode: bool
     sample_rows: list[int]
+
+
+def _why_broken(row: torch.Tensor) -> str:
+    """What is wrong with a row of logits (penalised and masked) whose sampled token has a non-finite log-prob."""
+    if row.isnan().any():
+        return "NaN logits"
+    if row.isposinf().any():
+        return "infinite logits"
+    if row.isneginf().all():
+        return "every token masked"
+    return "logits / temperature overflow float32"
 
 
 def _penalize(row: torch.Tensor, seq: Sequence, p) -> None:
@@ -213,15 +226,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]
-            ) -> tuple[list[Sequence], list[int], list[float], list[dict[int, float] | None]]:
+            ) -> tuple[list[Sequence], list[int], list[float], list[dict[int, float] | None], list[str | None]]:
         """Forward the batch (on every rank); sample for every sequence whose last token was forwarded.
-        Returns those sequences, their tokens, log-probs, and top log-probs ({token: log-prob}) where asked."""
+        Returns those sequences, their tokens, log-probs, top log-probs ({token: log-prob}) where asked, and
+        per sequence None or why its distribution was broken (its token must not be used)."""
         inp, to_sample = self.prepare(batch)
         if self.workers is not None:
             self.workers.send(("run", inp))
         logits = self.execute(inp)
         if not to_sample:
-            return [], [], [], []
+            return [], [], [], [], []
         dev = self.device
         p = [s.params for s in to_sample]
         eos = self.config.model_config.eos_token_ids
@@ -231,7 +245,9 @@ class ModelRunner:
                 _penalize(logits[i], s, x)
             if s.num_generated < x.min_tokens:  # what would end the completion cannot be sampled yet
                 logits[i, x.stop_token_ids + ([] if x.ignore_eos else eos)] = float("-inf")
-        temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev)
+        # Below SAMPLING_EPS greedy: logits / T would overflow (1e-45 is a float32 denormal, not 0)
+        temperature = torch.tensor([0.0 if x.temperature < SAMPLING_EPS else x.temperature for x in p],
+                                   dtype=torch.float32).to(dev)
         top_k = torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev)
         top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev)
         tokens, logprobs = sample(
@@ -248,7 +264,12 @@ class ModelRunner:
             for i, lp_row, id_row in zip(rows, lps.tolist(), ids.tolist(), strict=True):
                 n = p[i].top_logprobs
                 tops[i] = {t: lp for t, lp in zip(id_row[:n], lp_row[:n], strict=True) if lp != float("-inf")}
-        return to_sample, tokens.tolist(), logprobs.tolist(), tops
+        lps = logprobs.tolist()
+        # NaN anywhere in a row reaches its log-softmax normaliser, and only a row without a finite token
+        # samples one at -inf: a non-finite log-prob marks a broken distribution. Checked on the host copy
+        # the log-probs make anyway; only a broken row costs more (its diagnosis).
+        errors = [None if math.isfinite(lp) else _why_broken(logits[i]) for i, lp in enumerate(lps)]
+        return to_sample, tokens.tolist(), lps, tops, errors
 
     # ---- CUDA graphs for decode -----------------------------------------------------------------
     def _capture_graphs(self) -> None:

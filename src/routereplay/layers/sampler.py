@@ -30,7 +30,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """logits [S, V] fp32 -> (token ids [S], log-probs [S]) under the distribution sampled from.
 
     temperature 0 = greedy; top_k <= 0 or >= V = off; top_p 1 = off. `truncate=False` (the caller
-    knows no row uses top-k / top-p) skips the vocabulary sort.
+    knows no row uses top-k / top-p) skips the vocabulary sort. A row whose distribution is broken (NaN or
+    +inf logits, every token masked) gets a non-finite log-prob: the caller must not use its token.
     """
     if not truncate:  # one streaming kernel on CUDA (counter noise + Gumbel-max + log-softmax)
         return gumbel_sample(logits, temperature, seed, position)
