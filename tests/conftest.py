@@ -86,6 +86,14 @@ class RedisServer:
 
 
 @pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny qwen3_moe checkpoint (MoE on layers 1 and 3, 8 experts, top-2) the server tests serve."""
+    from routereplay.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("server_ckpt") / "qwen3_moe"), "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a session-wide redis-server on a free loopback port (db 0)."""
     server = RedisServer(_redis_binary(), tmp_path_factory.mktemp("redis"))

@@ -70,3 +70,10 @@ def test_errors(engine_store, capsys):
     assert "no routing keys matching 'missing'" in capsys.readouterr().err
     assert main([store_dir, "--num-experts", "1"]) == 1
     assert "expert id" in capsys.readouterr().err
+
+
+def test_a_missing_store_dir_is_an_error_and_is_not_created(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "dir"
+    assert main([str(missing)]) == 1
+    assert "no store directory" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from routereplay.server.options import ServerOptions
 
 # subcommand -> (module whose main(argv) runs it, help)
 _DELEGATED = {
@@ -43,6 +46,20 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use" + d)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help=d.strip())
+    o = ServerOptions()
+    p.add_argument("--api-key", default=os.environ.get("ROUTEREPLAY_API_KEY"),
+                   help="Bearer token every endpoint but /health requires (default: $ROUTEREPLAY_API_KEY, else open)")
+    p.add_argument("--weight-dir", action="append", default=[], metavar="DIR",
+                   help="/update_weights_from_disk loads only under DIR (repeatable; default: any directory)")
+    p.add_argument("--weight-group-timeout", type=float, default=o.weight_group_timeout_s, metavar="S",
+                   help="seconds a weight-sync group may take to form" + d)
+    p.add_argument("--max-request-bytes", type=int, default=o.max_request_bytes, help="body size limit" + d)
+    p.add_argument("--request-body-timeout", type=float, default=o.request_body_timeout_s, metavar="S",
+                   help="seconds a client may take to send its body" + d)
+    p.add_argument("--max-prompts-per-request", type=int, default=o.max_prompts_per_request,
+                   help="prompts in one batched request" + d)
+    p.add_argument("--shutdown-timeout", type=float, default=o.shutdown_timeout_s, metavar="S",
+                   help="seconds given to requests in flight and to the store on shutdown" + d)
     p.set_defaults(func=_serve, parser=p)
 
 
@@ -59,10 +76,14 @@ def _serve(args: argparse.Namespace) -> int:
             device=args.device,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         )
+        options = ServerOptions(
+            api_key=args.api_key, weight_dirs=tuple(args.weight_dir), weight_group_timeout_s=args.weight_group_timeout,
+            max_request_bytes=args.max_request_bytes, request_body_timeout_s=args.request_body_timeout,
+            max_prompts_per_request=args.max_prompts_per_request, shutdown_timeout_s=args.shutdown_timeout)
     except (ValueError, TypeError) as e:
         args.parser.error(str(e))
     serve(config, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          log_level=args.log_level)
+          log_level=args.log_level, options=options)
     return 0
 
 

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from redis.exceptions import RedisError
 
     try:
-        with routing_store.open(args.store) as store:
+        with routing_store.open(args.store, create=False) as store:  # inspecting a typo must not create it
             keys = select_keys(store, args.key)
             if not keys:
                 where = f"matching {args.key!r} " if args.key else ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routereplay.config import EngineConfig
@@ -42,8 +44,9 @@ from routereplay.engine.llm_engine import LLMEngine, load_tokenizer
 from routereplay.models.loader import checkpoint_tensors
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.routing import encode
-from routereplay.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, cut_at_stop
+from routereplay.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, client_key_error, cut_at_stop
 from routereplay.server.engine_thread import EngineThread, Job
+from routereplay.server.options import ServerOptions
 from routereplay.server.protocol import (
     SGLANG_NO_EFFECT,
     SGLANG_SAMPLING,
@@ -61,35 +64,33 @@ from routereplay.server.protocol import (
     UpdateWeightsBody,
     WeightGroupBody,
     engine_param,
+    parse_body,
+    read_body,
     validation_error,
 )
 from routereplay.weight_sync import make_group, parse_dtype, receive_weights
 
 log = logging.getLogger("routereplay.server")
 
-__all__ = ["ApiError", "EngineThread", "create_app", "serve"]
+__all__ = ["ApiError", "EngineThread", "ServerOptions", "create_app", "serve"]
 
 
 # ---- the service ----------------------------------------------------------------------------------------
 def _sse(obj: Mapping[str, Any] | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+    # allow_nan=False: a NaN that got this far fails loudly instead of being sent as invalid JSON
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, allow_nan=False)}\n\n"
 
 
 def _check_key(key: str, param: str) -> None:
-    """Reject store keys that no backend can hold (NUL) or that cannot be sent back as UTF-8."""
-    if key == "":
-        raise ApiError(400, f"{param} must be a non-empty string", param)
-    if "\x00" in key:
-        raise ApiError(400, f"{param} must not contain NUL characters", param)
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{param} is not valid unicode (lone surrogate)", param) from None
+    """A client's id (rollout_id, rid) must be a key no other request's derived keys can reach."""
+    if (why := client_key_error(key)) is not None:
+        raise ApiError(400, f"{param} {why}", param)
 
 
 class _Service:
-    def __init__(self, engine: LLMEngine, served_model_name: str | None) -> None:
+    def __init__(self, engine: LLMEngine, served_model_name: str | None, options: ServerOptions) -> None:
         self.engine = engine
+        self.options = options
         self.runner = EngineThread(engine)
         self.model_name = served_model_name or engine.config.model
         self.aliases = {self.model_name, engine.config.model}
@@ -117,12 +118,19 @@ class _Service:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def tokenize(self, text: str, param: str) -> list[int]:
+    async def tokenize(self, texts: list[str], params: list[str]) -> list[list[int]]:
+        """Token ids of each text, off the event loop; a text too long to fit the context is refused first."""
         if self.tokenizer is None:
-            raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param)
-        return list(self.tokenizer(text)["input_ids"])
+            raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", params[0])
+        limit = self.options.max_chars_per_token * self.engine.config.max_model_len
+        for text, param in zip(texts, params, strict=True):
+            if len(text) > limit:
+                raise ApiError(400, f"{param}: {len(text)} characters cannot fit max_model_len="
+                               f"{self.engine.config.max_model_len} tokens (limit {limit} characters)", param)
+        encoded = await asyncio.to_thread(self.tokenizer, texts)
+        return [list(ids) for ids in encoded["input_ids"]]
 
-    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+    async def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template: use /v1/completions", "messages")
         msgs = []
@@ -137,8 +145,13 @@ class _Service:
                     texts.append(part["text"])
                 content = "".join(texts)
             msgs.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
+        limit = self.options.max_chars_per_token * self.engine.config.max_model_len
+        if (size := sum(len(m["content"]) for m in msgs)) > limit:
+            raise ApiError(400, f"messages: {size} characters cannot fit max_model_len="
+                           f"{self.engine.config.max_model_len} tokens (limit {limit} characters)", "messages")
         try:
-            ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            ids = await asyncio.to_thread(self.tokenizer.apply_chat_template, msgs, add_generation_prompt=True,
+                                          tokenize=True)
         except Exception as e:  # template errors (jinja raises many types)
             raise ApiError(400, f"messages: the chat template failed: {e}", "messages") from None
         if isinstance(ids, Mapping):
@@ -146,8 +159,9 @@ class _Service:
         return list(ids)
 
     def build_jobs(self, body: SamplingBody, prompts: list[tuple[list[int], str | None]], logprobs: int | None,
-                   max_tokens: int | None, prompt_field: str, rid: str) -> list[Job]:
-        """Validate every prompt, then make the engine requests (nothing is queued on error)."""
+                   max_tokens: int | None, prompt_field: str, rid: str, max_tokens_field: str) -> list[Job]:
+        """Validate every prompt, then make the engine requests (nothing is queued on error). The store keys:
+        ``rollout_id`` (else the response id) for one prompt, ``rollout_id/j/i`` for a batch (routing_key)."""
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)):
             raise ApiError(400, f"stop must be a non-empty string or a list of them, got {body.stop!r}", "stop")
@@ -158,9 +172,9 @@ class _Service:
                 raise ApiError(400, f"{name}={value!r} is not supported by this server", name)
         if body.rollout_id is not None:
             _check_key(body.rollout_id, "rollout_id")
-        elif body.user is not None:
-            _check_key(body.user, "user")
-        base = body.rollout_id or body.user or rid
+        # OpenAI's user names an end user, not a rollout: two requests of one user must not share a key
+        base = body.rollout_id or rid
+        batch = len(prompts) > 1
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
@@ -188,14 +202,16 @@ class _Service:
                 top_logprobs=logprobs or 0,
                 return_routed_experts=body.return_routed_experts,
                 routed_experts_start=body.routed_experts_start,
-                rollout_id=base if len(prompts) == 1 else f"{base}/{j}",
+                store_routing=body.store_routing,
+                rollout_id=base,
             )
             try:
                 self.engine.validate(ids, params)
             except ValueError as e:
-                where = f"{prompt_field}[{j}]: " if len(prompts) > 1 else ""
-                raise ApiError(400, f"{where}{e}", engine_param(str(e), prompt_field)) from None
-            jobs.append(Job(f"{rid}-{j}", ids, params, text, body.stream, loop, events))
+                where = f"{prompt_field}[{j}]: " if batch else ""
+                param = engine_param(str(e), prompt_field)
+                raise ApiError(400, f"{where}{e}", max_tokens_field if param == "max_tokens" else param) from None
+            jobs.append(Job(f"{rid}-{j}", ids, params, text, body.stream, loop, events, j if batch else None))
         return jobs
 
     async def finish_routing(self, outputs: list[CompletionOutput]) -> None:
@@ -235,11 +251,13 @@ class _Service:
         return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": top_obj, "text_offset": offsets}
 
     async def run(self, body: SamplingBody, prompts: list[tuple[list[int], str | None]], *, chat: bool,
-                  logprobs: int | None, max_tokens: int | None) -> JSONResponse | StreamingResponse:
+                  logprobs: int | None, max_tokens: int | None,
+                  max_tokens_field: str = "max_tokens") -> JSONResponse | StreamingResponse:
         """``logprobs``: None = no log-probs, N = each token's and the N most likely at its position."""
         self.check_alive()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        jobs = self.build_jobs(body, prompts, logprobs, max_tokens, "messages" if chat else "prompt", rid)
+        jobs = self.build_jobs(body, prompts, logprobs, max_tokens, "messages" if chat else "prompt", rid,
+                               max_tokens_field)
         for job in jobs:
             self.runner.submit(job)
         if body.stream:
@@ -248,15 +266,21 @@ class _Service:
                                      media_type="text/event-stream")
         return JSONResponse(await self._complete(jobs, rid, chat))
 
-    async def _wait_all(self, jobs: list[Job]) -> dict[str, RequestOutput]:
+    async def _wait_all(self, jobs: list[Job], key_field: str = "rollout_id") -> dict[str, RequestOutput]:
+        """Every job's output; an engine refusal (400: its rollout id is in flight) names ``key_field``."""
         done: dict[str, RequestOutput] = {}
         events = jobs[0].events
         try:
             while len(done) < len(jobs):
                 kind, req_id, *rest = await events.get()
                 if kind == "error":
-                    raise ApiError(500, rest[0], type="server_error")
+                    message, status = rest
+                    if status >= 500:
+                        raise ApiError(status, message, type="server_error")
+                    raise ApiError(status, message, key_field)
                 if kind == "done":
+                    if rest[0].error is not None:  # this request alone failed in the engine
+                        raise ApiError(500, rest[0].error, type="server_error")
                     done[req_id] = rest[0]
         finally:
             for job in jobs:
@@ -334,9 +358,11 @@ class _Service:
             events = jobs[0].events
             while len(finished) < len(jobs):
                 kind, req_id, *rest = await events.get()
+                if kind == "done" and rest[0].error is not None:  # this request alone failed in the engine
+                    kind, rest = "error", [rest[0].error, 500]
                 if kind == "error":
                     yield _sse({"error": {"message": rest[0], "type": "server_error", "param": None,
-                                          "code": None}})
+                                          "code": rest[1]}})
                     return
                 j = index[req_id]
                 if kind == "delta":
@@ -372,9 +398,10 @@ class _Service:
         self.check_model(body.model)
         p = body.prompt
         if isinstance(p, str):
-            prompts = [(self.tokenize(p, "prompt"), p)]
+            prompts = [(ids, p) for ids in await self.tokenize([p], ["prompt"])]
         elif p and all(isinstance(x, str) for x in p):
-            prompts = [(self.tokenize(x, f"prompt[{j}]"), x) for j, x in enumerate(p)]
+            ids = await self.tokenize(p, [f"prompt[{j}]" for j in range(len(p))])
+            prompts = list(zip(ids, p, strict=True))
         elif p and all(isinstance(x, list) for x in p):
             prompts = [(list(x), None) for x in p]
         else:
@@ -393,10 +420,11 @@ class _Service:
                            "top_logprobs")
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        prompts = [(self.chat_ids(body.messages), None)]
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        prompts = [(await self.chat_ids(body.messages), None)]
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await self.run(body, prompts, chat=True, logprobs=logprobs, max_tokens=max_tokens)
+        return await self.run(body, prompts, chat=True, logprobs=logprobs, max_tokens=getattr(body, field),
+                              max_tokens_field=field)
 
     async def generate(self, body: GenerateBody) -> dict[str, Any] | list[dict[str, Any]]:
         """SGLang's ``/generate``: ``text`` or ``input_ids`` (one prompt or a list), ``sampling_params`` with
@@ -412,7 +440,10 @@ class _Service:
         if body.text is not None:
             batch = isinstance(body.text, list)
             texts = body.text if batch else [body.text]
-            prompts = [(self.tokenize(t, f"text[{j}]" if batch else "text"), t) for j, t in enumerate(texts)]
+            if not texts:
+                raise ApiError(400, "text: an empty batch", "text")
+            ids = await self.tokenize(texts, [f"text[{j}]" if batch else "text" for j in range(len(texts))])
+            prompts = list(zip(ids, texts, strict=True))
         else:
             batch = bool(body.input_ids) and isinstance(body.input_ids[0], list)
             prompts = [(list(x), None) for x in (body.input_ids if batch else [body.input_ids])]
@@ -420,7 +451,12 @@ class _Service:
             raise ApiError(400, f"rid must be a list of {len(prompts)} ids for a batch of {len(prompts)}", "rid")
         if not batch and isinstance(body.rid, list):
             raise ApiError(400, "rid must be a string for one prompt", "rid")
+        # each prompt's rid is its store key: one rid twice would have one prompt overwrite the other's routing
         rids = body.rid if isinstance(body.rid, list) else [body.rid] * len(prompts)
+        first: dict[str, int] = {}
+        for j, r in enumerate(rids):
+            if r is not None and first.setdefault(r, j) != j:
+                raise ApiError(400, f"rid[{j}]: {r!r} is also rid[{first[r]}]; each prompt needs its own", f"rid[{j}]")
         kwargs: dict[str, Any] = {"max_tokens": 128}  # SGLang's default
         for key, value in body.sampling_params.items():
             if key in SGLANG_NO_EFFECT:
@@ -440,7 +476,7 @@ class _Service:
                                         rollout_id=rid, return_routed_experts=body.return_routed_experts,
                                         routed_experts_start=body.routed_experts_start_len)
                 self.engine.validate(ids, params)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:  # TypeError: a value of the wrong type for its field
                 name = engine_param(str(e), field)
                 names = {v: k for k, v in SGLANG_SAMPLING.items()}
                 param = f"sampling_params.{names[name]}" if name in names else {
@@ -448,11 +484,11 @@ class _Service:
                     "top_logprobs": "top_logprobs_num"}.get(name, name)
                 where = f"{field}[{j}]: " if batch else ""
                 raise ApiError(400, f"{where}{e}", param) from None
-            # the engine's id is unique; rid may repeat, like OpenAI's rollout_id
+            # the engine's id is unique; a rid may come back once its earlier request ended (a later turn)
             jobs.append(Job(f"gen-{uuid.uuid4().hex}", ids, params, text, False, asyncio.get_running_loop(), events))
         for job in jobs:
             self.runner.submit(job)
-        done = await self._wait_all(jobs)
+        done = await self._wait_all(jobs, "rid")
         results = [result for job in jobs for result in await self._generate_results(body, job, done[job.request_id])]
         return results if batch or len(results) > 1 else results[0]
 
@@ -549,6 +585,10 @@ class _Service:
         going with the new weights from the next step on: pause sampling first to keep a rollout
         on one policy. The prefix cache is dropped (it was computed with the old weights)."""
         self.check_alive()
+        if not self.options.weight_dir_allowed(body.model_path):
+            # one answer whether the path exists or not: the error reveals nothing outside the allow-list
+            raise ApiError(400, "model_path is not under a directory this server loads weights from "
+                           "(--weight-dir)", "model_path")
         if not os.path.isdir(body.model_path):
             raise ApiError(400, f"model_path {body.model_path!r} is not a directory", "model_path")
         # names and shapes are checked before anything is written: on an error the old weights stay
@@ -569,7 +609,8 @@ class _Service:
             raise ApiError(400, f"rank_offset must be in [1, world_size), got {body.rank_offset}", "rank_offset")
         try:
             group = await asyncio.to_thread(make_group, body.master_address, body.master_port, body.rank_offset,
-                                            body.world_size, body.group_name, body.backend)
+                                            body.world_size, body.group_name, body.backend,
+                                            timeout_s=self.options.weight_group_timeout_s)
         except Exception as e:
             raise ApiError(400, f"init_weights_update_group: {type(e).__name__}: {e}", "master_address") from None
         self.weight_groups[body.group_name] = group
@@ -620,6 +661,10 @@ class _Service:
              "not yet taken by the engine thread.", snap["waiting"] + snap["running"] + self.runner.pending),
             ("routereplay_paused", "gauge", "1 while generation is paused (/pause_generation).",
              int(self.runner.paused)),
+            ("routereplay_free_kv_blocks", "gauge", "KV cache blocks free (cached prefixes count as free).",
+             snap["free_kv_blocks"]),
+            ("routereplay_preemptions_total", "counter", "Sequences preempted (KV freed, recomputed later).",
+             snap["preemptions"]),
             ("routereplay_store_queue_depth", "gauge", "Routing store writes accepted and not finished.",
              writer.queue_depth if writer else 0),
             ("routereplay_store_written_total", "counter", "Routing store writes that succeeded.",
@@ -633,9 +678,63 @@ class _Service:
         return "\n".join(lines) + "\n"
 
 
-def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAPI:
+class _RequireApiKey:
+    """ASGI middleware: every path but /health needs ``Authorization: Bearer <key>`` (vLLM's --api-key)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = ApiError(401, "a valid API key is required: Authorization: Bearer <key>",
+                                 type="authentication_error", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _until_disconnected(request: Request) -> None:
+    # Once the body is read, the next ASGI message is the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _endpoint(handler, model: type[BaseModel] | None, options: ServerOptions, watch: bool):
+    """A route over ``handler``: the body is read with a size and time limit and parsed off the event loop
+    (``parse_body``). ``watch``: the handler is cancelled when the client disconnects, which aborts its
+    engine requests (a non-streaming reply nobody waits for); a stream watches its own client."""
+
+    async def endpoint(request: Request) -> Any:
+        if model is None:
+            return await handler()
+        raw = await read_body(request, options)
+        body = await asyncio.to_thread(parse_body, model, raw, options)
+        if not watch:
+            return await handler(body)
+        work = asyncio.ensure_future(handler(body))
+        gone = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            log.info("client disconnected: its requests were aborted")
+            return Response(status_code=499)
+        return work.result()
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
+def create_app(engine: LLMEngine, served_model_name: str | None = None,
+               options: ServerOptions | None = None) -> FastAPI:
     """The FastAPI app over ``engine``; it starts the engine thread and closes the engine on shutdown."""
-    svc = _Service(engine, served_model_name)
+    options = options or ServerOptions()
+    svc = _Service(engine, served_model_name, options)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -645,8 +744,8 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
         try:
             yield
         finally:
-            svc.runner.stop()
-            engine.close()  # flushes the routing store writer
+            svc.runner.stop(timeout=options.shutdown_timeout_s)
+            engine.close(timeout=options.shutdown_timeout_s)  # flushes the routing store writer
             w = engine.store_writer
             if w is not None:
                 log.info("engine closed: %d routing writes stored, %d failed", w.written, w.errors)
@@ -655,6 +754,8 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
 
     app = FastAPI(title="routereplay", lifespan=lifespan)
     app.state.service = svc
+    if options.api_key is not None:
+        app.add_middleware(_RequireApiKey, api_key=options.api_key)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -662,36 +763,40 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail)).response()
 
-    # Endpoints that hand their body (if any) straight to the service; response_model=None: the handlers
-    # return dicts or responses as they are.
-    for methods, path, handler in [
-        (["POST"], "/v1/completions", svc.completions),
-        (["POST"], "/v1/chat/completions", svc.chat),
-        (["POST"], "/generate", svc.generate),
-        (["GET", "POST"], "/flush_cache", svc.flush_cache),  # SGLang takes both; some RL clients send GET
-        (["POST"], "/abort_request", svc.abort_request),
-        (["POST"], "/init_weights_update_group", svc.init_weights_update_group),
-        (["POST"], "/update_weights_from_distributed", svc.update_weights_from_distributed),
-        (["POST"], "/destroy_weights_update_group", svc.destroy_weights_update_group),
-        (["POST"], "/update_weights_from_disk", svc.update_weights_from_disk),
-        (["GET"], "/health_generate", svc.health_generate),
-        (["GET"], "/v1/models", svc.models),
-    ]:
-        app.add_api_route(path, handler, methods=methods, response_model=None)
+    async def pause_generation(body: PauseBody) -> dict[str, Any]:
+        return await svc.set_paused(True, body.mode)
 
-    @app.post("/pause_generation")
-    async def pause_generation(body: PauseBody | None = None) -> dict[str, Any]:
-        return await svc.set_paused(True, (body or PauseBody()).mode)
-
-    @app.post("/continue_generation")
     async def continue_generation() -> dict[str, Any]:
         return await svc.set_paused(False)
+
+    async def models() -> dict[str, Any]:
+        return svc.models()
+
+    # Endpoints that hand their body (if any) to the service, and whether a disconnect aborts them;
+    # response_model=None: the handlers return dicts or responses as they are.
+    for methods, path, handler, body, watch in [
+        (["POST"], "/v1/completions", svc.completions, CompletionBody, True),
+        (["POST"], "/v1/chat/completions", svc.chat, ChatBody, True),
+        (["POST"], "/generate", svc.generate, GenerateBody, True),
+        (["GET", "POST"], "/flush_cache", svc.flush_cache, None, False),  # SGLang takes both; some clients GET
+        (["POST"], "/abort_request", svc.abort_request, AbortBody, False),
+        (["POST"], "/pause_generation", pause_generation, PauseBody, False),  # an empty body: mode abort
+        (["POST"], "/continue_generation", continue_generation, None, False),
+        (["POST"], "/init_weights_update_group", svc.init_weights_update_group, WeightGroupBody, False),
+        (["POST"], "/update_weights_from_distributed", svc.update_weights_from_distributed,
+         DistributedWeightsBody, False),
+        (["POST"], "/destroy_weights_update_group", svc.destroy_weights_update_group, GroupNameBody, False),
+        (["POST"], "/update_weights_from_disk", svc.update_weights_from_disk, UpdateWeightsBody, False),
+        (["GET"], "/health_generate", svc.health_generate, None, False),
+        (["GET"], "/v1/models", models, None, False),
+    ]:
+        app.add_api_route(path, _endpoint(handler, body, options, watch), methods=methods, response_model=None)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -707,14 +812,16 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
 
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          log_level: str = "info") -> None:
-    """Build the engine and run uvicorn until SIGINT/SIGTERM; the engine is closed on the way out."""
+          log_level: str = "info", options: ServerOptions | None = None) -> None:
+    """Build the engine and run uvicorn until SIGINT/SIGTERM; the engine is closed on the way out, within
+    about ``options.shutdown_timeout_s`` twice (open connections, then the engine and the store)."""
     import uvicorn
 
+    options = options or ServerOptions()
     engine = LLMEngine(config)
     try:
-        app = create_app(engine, served_model_name)
+        app = create_app(engine, served_model_name, options)
         uvicorn.run(app, host=host, port=port, log_config=None, log_level=log_level,
-                    timeout_graceful_shutdown=30)
+                    timeout_graceful_shutdown=options.shutdown_timeout_s)
     finally:
-        engine.close()
+        engine.close(timeout=options.shutdown_timeout_s)

@@ -29,6 +29,7 @@ class Job:
     stream: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    prompt_index: int | None = None  # its place in a batch sharing one rollout id (store keys R/j/i)
     seqs: list = field(default_factory=list)
     sent: list[int] = field(default_factory=list)  # streamed tokens per sample
 
@@ -46,7 +47,7 @@ class EngineThread:
     """The only thread that touches the LLMEngine.
 
     Events sent to a job's queue: ``("delta", rid, sample, token_ids, logprobs, top_logprobs)`` (streaming jobs),
-    ``("done", rid, RequestOutput)`` or ``("error", rid, message)``.
+    ``("done", rid, RequestOutput)`` or ``("error", rid, message, HTTP status)``.
     """
 
     def __init__(self, engine: LLMEngine) -> None:
@@ -81,14 +82,16 @@ class EngineThread:
         self._inbox.put(("call", (fn, done)))
 
     def stop(self, timeout: float | None = None) -> None:
-        """Fail what is still in flight and end the thread (the caller closes the engine)."""
+        """Fail what is still in flight and end the thread (the caller closes the engine). With ``timeout``
+        it returns then even if a step is still running (the thread is a daemon)."""
         if self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join(timeout)
 
     def _take_snapshot(self) -> dict[str, int]:
         s = self.engine.scheduler
-        return {**self.engine.stats, "waiting": len(s.waiting), "running": len(s.running)}
+        return {**self.engine.stats, "waiting": len(s.waiting), "running": len(s.running),
+                "free_kv_blocks": s.blocks.num_free, "preemptions": s.num_preemptions}
 
     def _run(self) -> None:
         try:
@@ -97,7 +100,7 @@ class EngineThread:
             self.failed = f"engine thread died: {type(e).__name__}: {e}"
             log.exception("engine thread died")
             self._fail_all(self.failed)
-            self._reject_queued([], self.failed)
+            self._reject_queued([], self.failed, 503)
 
     def _loop(self) -> None:
         engine = self.engine
@@ -134,7 +137,7 @@ class EngineThread:
                     log.exception("engine step failed; failing %d in-flight requests", len(self._jobs))
                     for rid in list(self._jobs):
                         engine.abort(rid)
-                    self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                    self._fail_all(f"engine step failed: {type(e).__name__}: {e}", 500)
                     finished = []
                 self.last_step = time.monotonic()
                 self._publish(finished)
@@ -143,9 +146,12 @@ class EngineThread:
     def _add(self, job: Job) -> None:
         try:
             self.engine.add_request(job.prompt_token_ids, job.params, request_id=job.request_id,
-                                    prompt=job.prompt)
-        except Exception as e:  # validated by the handler already; a race such as a reused id
-            job.emit(("error", job.request_id, f"{type(e).__name__}: {e}"))
+                                    prompt=job.prompt, prompt_index=job.prompt_index)
+        except ValueError as e:  # validated by the handler already; what it cannot see: a rollout id in flight
+            job.emit(("error", job.request_id, str(e), 400))
+            return
+        except Exception as e:
+            job.emit(("error", job.request_id, f"{type(e).__name__}: {e}", 500))
             return
         job.seqs = list(self.engine.requests[job.request_id].seqs)
         job.sent = [0] * len(job.seqs)
@@ -175,9 +181,9 @@ class EngineThread:
             if job is not None:
                 job.emit(("done", out.request_id, out))
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int = 503) -> None:
         for job in self._jobs.values():
-            job.emit(("error", job.request_id, message))
+            job.emit(("error", job.request_id, message, status))
         self._jobs.clear()
 
     def _shutdown(self, taken: list) -> None:
@@ -186,7 +192,7 @@ class EngineThread:
         self._fail_all("the server is shutting down")
         self._reject_queued(taken, "the server is shutting down")
 
-    def _reject_queued(self, taken: list, message: str) -> None:
+    def _reject_queued(self, taken: list, message: str, status: int = 503) -> None:
         """Answer every command not carried out (already taken from the inbox, or still in it)."""
         while True:
             if taken:
@@ -197,6 +203,6 @@ class EngineThread:
                 except queue.Empty:
                     return
             if kind == "add":
-                arg.emit(("error", arg.request_id, message))
+                arg.emit(("error", arg.request_id, message, status))
             elif kind == "call":
                 arg[1](None, message)

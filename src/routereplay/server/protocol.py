@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from typing import Any, Literal
 
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from routereplay.server.options import ServerOptions
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -44,8 +48,9 @@ def _loc_to_param(loc: tuple) -> str | None:
     return text or None
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
-    err = exc.errors()[0]
+def validation_error(errors: list[dict[str, Any]]) -> ApiError:
+    """The first of pydantic's (or FastAPI's) validation errors, as a 400 naming its field."""
+    err = errors[0]
     if err.get("type") == "json_invalid":
         return ApiError(400, f"malformed JSON body: {err.get('msg')}", "body")
     param = _loc_to_param(tuple(err.get("loc", ())))
@@ -103,6 +108,7 @@ class SamplingBody(BaseModel):
     return_routed_experts: bool | None = None
     routed_experts_start: int = 0
     rollout_id: str | None = None
+    store_routing: bool = True  # false: this request's routing is returned (if asked) but not stored
 
 
 class CompletionBody(SamplingBody):
@@ -178,9 +184,9 @@ class WeightGroupBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     master_address: str
-    master_port: int
+    master_port: int = Field(ge=1, le=65535)
     rank_offset: int
-    world_size: int
+    world_size: int = Field(ge=2, le=1 << 16)
     group_name: str = "weight_update_group"
     backend: Literal["gloo", "nccl"] = "nccl"
 
@@ -212,3 +218,135 @@ class UpdateWeightsBody(BaseModel):
 
 # field -> the numeric value that means "off"
 UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "tools": 0}
+
+
+# ---- reading a body ----------------------------------------------------------------------------------
+async def read_body(request: Request, options: ServerOptions) -> bytes:
+    """The raw body, refused (413) past ``max_request_bytes`` and (408) when it does not arrive in time."""
+    limit = options.max_request_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body: {declared} bytes, the limit is {limit} (--max-request-bytes)", "body")
+    chunks: list[bytes] = []
+
+    async def collect() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body: more than {limit} bytes (--max-request-bytes)", "body")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), options.request_body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"body: not received within {options.request_body_timeout_s:g} s", "body") from None
+    return b"".join(chunks)
+
+
+# fields holding one prompt or a batch of them
+_BATCH_FIELDS = ("prompt", "text", "input_ids")
+
+
+def _unencodable(obj: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) that is not valid unicode (a lone surrogate), or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            where = f"{path}.{k}" if path else str(k)
+            if (bad := _unencodable(k, where)) is not None or (bad := _unencodable(v, where)) is not None:
+                return bad
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if (bad := _unencodable(v, f"{path}[{i}]")) is not None:
+                return bad
+    return None
+
+
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the only way JSON text can carry a lone surrogate
+
+
+def _skip(text: str, i: int) -> int:
+    return _WS.match(text, i).end()
+
+
+def _expect(text: str, i: int, chars: str) -> str:
+    if text[i : i + 1] not in tuple(chars):
+        raise json.JSONDecodeError(f"expecting one of {chars!r}", text, i)
+    return text[i]
+
+
+def _load_object(text: str, max_prompts: int) -> Any:
+    """``json.loads``, except that in a top-level object a batch of prompts is read prompt by prompt and
+    refused as soon as it holds more than ``max_prompts``: a 10 MB batch of 2M prompts costs a millisecond
+    to refuse, not a full parse (> 1 s of one core)."""
+    i = _skip(text, 0)
+    if text[i : i + 1] != "{":
+        return json.loads(text)
+    obj: dict[str, Any] = {}
+    i = _skip(text, i + 1)
+    if text[i : i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            _expect(text, i, '"')
+            key, i = _DECODER.raw_decode(text, i)
+            i = _skip(text, i)
+            _expect(text, i, ":")
+            i = _skip(text, i + 1)
+            if key in _BATCH_FIELDS and text[i : i + 1] == "[":
+                obj[key], i = _load_batch(text, i, key, max_prompts)
+            else:
+                obj[key], i = _DECODER.raw_decode(text, i)
+            i = _skip(text, i)
+            if _expect(text, i, ",}") == "}":
+                i += 1
+                break
+            i = _skip(text, i + 1)
+    if _skip(text, i) != len(text):
+        raise json.JSONDecodeError("extra data", text, i)
+    return obj
+
+
+def _load_batch(text: str, start: int, name: str, max_prompts: int) -> tuple[Any, int]:
+    i = _skip(text, start + 1)
+    if text[i : i + 1] == "]":
+        return [], i + 1
+    first, _ = _DECODER.raw_decode(text, i)
+    if not isinstance(first, (list, str)):  # one prompt of token ids
+        return _DECODER.raw_decode(text, start)
+    items = []
+    while True:
+        item, i = _DECODER.raw_decode(text, i)
+        items.append(item)
+        if len(items) > max_prompts:
+            raise ApiError(400, f"{name}: more than {max_prompts} prompts in one request "
+                           "(--max-prompts-per-request)", name)
+        i = _skip(text, i)
+        if _expect(text, i, ",]") == "]":
+            return items, i + 1
+        i = _skip(text, i + 1)
+
+
+def parse_body(model: type[BaseModel], raw: bytes, options: ServerOptions) -> BaseModel:
+    """JSON -> ``model``, each failure a 400 naming its field; batches are counted while they are read
+    (``_load_object``). Runs off the event loop."""
+    try:
+        text = raw.decode("utf-8")
+        obj: Any = _load_object(text, options.max_prompts_per_request) if text.strip() else {}
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ApiError(400, f"malformed JSON body: {e}", "body") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"body must be a JSON object, got {type(obj).__name__}", "body")
+    if _SURROGATE_ESCAPE.search(text) and (bad := _unencodable(obj)) is not None:
+        raise ApiError(400, f"{bad}: not valid unicode (a lone surrogate)", bad)
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
