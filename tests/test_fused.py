@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from routereplay.config import ModelConfig
-from routereplay.engine.context import Context, get_context, reset_context, set_context
+from routereplay.context import Context, get_context, reset_context, set_context
 from routereplay.kernels import fused
 from routereplay.kernels.fused import (
     HAS_TRITON,

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from routereplay.config import ModelConfig
-from routereplay.engine.context import Context, reset_context, set_context
+from routereplay.context import Context, reset_context, set_context
 from routereplay.models.loader import load_checkpoint
 from routereplay.models.transformer import MoECausalLM
 from tests.helpers import FAMILIES, reference_forward, tiny_checkpoint

@@ -13,7 +13,7 @@ class CompletionOutput:
     index: int
     token_ids: list[int]
     logprobs: list[float] | None
-    finish_reason: str
+    finish_reason: str | None  # None in a streaming delta (RequestOutput.finished False)
     text: str | None = None
     stop_reason: str | None = None  # the stop string that ended the completion (`text` ends before it,
     # or with it when include_stop_str_in_output)
@@ -40,3 +40,12 @@ class RequestOutput:
     # why the request failed (e.g. a non-finite distribution): its unfinished samples end with finish_reason
     # "error" and no routing; None for a request that ran to its end
     error: str | None = None
+    # False: a streaming request's delta (``add_request(stream=True)``): ``outputs`` hold only the samples
+    # with new tokens, each with just the tokens (log-probs, top log-probs) of this step, finish_reason None
+    finished: bool = True
+    # SamplingParams.prompt_logprobs (vLLM's field): one entry per prompt token, the first None (no context);
+    # entry t = {prompt_token_ids[t]: its log-prob, then the prompt_logprobs most likely tokens, most likely
+    # first} under the plain fp32 log-softmax of the raw logits at position t - 1 (no temperature, penalties,
+    # top-k / top-p, as vLLM V1). Computed once (sample 0) and shared by the n samples. None when not asked
+    # for, or when the request ended (abort, error) before its whole prompt was forwarded.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

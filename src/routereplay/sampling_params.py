@@ -47,6 +47,10 @@ class SamplingParams:
     logprobs: bool = True
     # also the N most likely tokens at each generated position (same distribution; vLLM's logprobs=N)
     top_logprobs: int = 0
+    # vLLM's prompt_logprobs: None = off; N >= 0 = per prompt token its log-prob under the plain log-softmax of
+    # the raw logits at the position before it (no temperature, penalties, top-k / top-p: vLLM V1), plus the N
+    # most likely tokens there (RequestOutput.prompt_logprobs). Such a request skips the prefix cache (vLLM V1).
+    prompt_logprobs: int | None = None
     return_routed_experts: bool | None = None  # None: the engine's routing_replay.return_routed_experts
     routed_experts_start: int = 0  # skip the first S rows (the client already holds them)
     rollout_id: str | None = None  # store key; defaults to the request id
@@ -78,6 +82,8 @@ class SamplingParams:
              f"must be an integer in [0, max_tokens={self.max_tokens}]"),
             ("top_logprobs", lambda: _int(self.top_logprobs, 0, MAX_TOP_LOGPROBS),
              f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
+            ("prompt_logprobs", lambda: self.prompt_logprobs is None or _int(self.prompt_logprobs, 0, MAX_TOP_LOGPROBS),
+             f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
             ("presence_penalty", lambda: _real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "must be in [-2, 2]"),
             ("frequency_penalty", lambda: _real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
@@ -161,3 +167,39 @@ def cut_at_stop(text: str, stop: list[str], final: bool = True, include: bool = 
         return text
     hold = max((k for x in stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
     return text[: len(text) - hold]
+
+
+@dataclass(frozen=True, slots=True)
+class WireName:
+    """What one SamplingParams field is called on the wire: the OpenAI / vLLM request field, SGLang's
+    ``sampling_params`` key (None: that protocol spells it elsewhere, or has no such field). The server
+    derives both protocols' request fields and the field named in an error from this table, so a new
+    sampling parameter is one field, one check in ``validate`` and one row here."""
+
+    field: str
+    openai: str | None
+    sglang: str | None
+
+
+WIRE_NAMES = tuple(WireName(*row) for row in [
+    ("n", "n", "n"),
+    ("temperature", "temperature", "temperature"),
+    ("top_p", "top_p", "top_p"),
+    ("top_k", "top_k", "top_k"),
+    ("max_tokens", "max_tokens", "max_new_tokens"),
+    ("min_tokens", "min_tokens", "min_new_tokens"),
+    ("presence_penalty", "presence_penalty", "presence_penalty"),
+    ("frequency_penalty", "frequency_penalty", "frequency_penalty"),
+    ("repetition_penalty", "repetition_penalty", "repetition_penalty"),
+    ("seed", "seed", "sampling_seed"),
+    ("stop", "stop", "stop"),
+    ("stop_token_ids", "stop_token_ids", "stop_token_ids"),
+    ("include_stop_str_in_output", "include_stop_str_in_output", "no_stop_trim"),
+    ("skip_special_tokens", "skip_special_tokens", "skip_special_tokens"),
+    ("ignore_eos", "ignore_eos", "ignore_eos"),
+    # routing: top-level fields of /generate, request fields of OpenAI's
+    ("return_routed_experts", "return_routed_experts", None),
+    ("routed_experts_start", "routed_experts_start", None),
+    ("rollout_id", "rollout_id", None),
+    ("store_routing", "store_routing", None),
+])

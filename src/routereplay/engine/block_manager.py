@@ -53,9 +53,10 @@ class BlockManager:
         """Reuse cached blocks for the sequence's leading full blocks; returns tokens covered.
 
         Only blocks that end before the last token qualify: that token must be forwarded to
-        produce the logits of the next one.
+        produce the logits of the next one. A sequence that still needs prompt log-probs reads nothing
+        (vLLM V1): its prompt positions must be forwarded; its blocks are still committed for others.
         """
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.needs_prompt_logprobs:
             return 0
         bs, h = self.block_size, None
         for i in range((len(seq) - 1) // bs):

@@ -80,7 +80,7 @@ class LLM:
             wanted = set(request_ids)
             while len(results) < len(ids):
                 for out in self.engine.step():
-                    if out.request_id in wanted:  # not a request someone added to the engine directly
+                    if out.finished and out.request_id in wanted:  # not one someone added to the engine directly
                         results[out.request_id] = out
                         bar.update(1)
         except BaseException:

@@ -20,6 +20,7 @@ from routereplay.engine.scheduler import Scheduler
 from routereplay.engine.sequence import Sequence, Status
 from routereplay.engine.workers import Workers
 from routereplay.layers.parallel import TP
+from routereplay.models.loader import checkpoint_tensors
 from routereplay.outputs import CompletionOutput, RequestOutput
 from routereplay.sampling_params import SamplingParams, client_key_error, routing_key
 
@@ -37,6 +38,8 @@ class _Request:
     stores_routing: bool  # written to the routing store
     key_root: str  # its samples' store keys derive from it (routing_key)
     prompt_index: int | None  # its place in a batch that shares one rollout id
+    stream: bool = False  # step() returns per-step deltas of its samples
+    sent: list[int] = field(default_factory=list)  # per sample: tokens already returned as deltas
     done: dict[int, CompletionOutput] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # (output, host rows, event) awaiting the device copy
 
@@ -79,7 +82,7 @@ class LLMEngine:
             from routereplay.store import open as open_store
 
             self.store_writer = StoreWriter(open_store(rr.store_url), max_queue=rr.store_queue_size)
-        self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self._counters = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0}
         self._tokenizer = None
         self._tokenizer_missing = False
 
@@ -136,9 +139,10 @@ class LLMEngine:
         return params.return_routed_experts
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    prompt: str | None = None, prompt_index: int | None = None) -> str:
+                    prompt: str | None = None, prompt_index: int | None = None, stream: bool = False) -> str:
         """Queue one prompt (``params.n`` samples). ``prompt_index``: its place in a batch of prompts that
-        share ``params.rollout_id`` (store keys ``rollout_id/j/i``, ``routing_key``)."""
+        share ``params.rollout_id`` (store keys ``rollout_id/j/i``, ``routing_key``). ``stream``: ``step()``
+        also returns what each step added (``RequestOutput.finished`` False), before the final output."""
         self.validate(prompt_token_ids, params)
         request_id = request_id or f"req-{self._run_id}-{next(self._request_ids)}"
         if request_id in self.requests:
@@ -161,11 +165,12 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), params, seqs,
-                                             self._wants_routing(params), stores, root[0], prompt_index)
+                                             self._wants_routing(params), stores, root[0], prompt_index, stream,
+                                             [0] * params.n)
         if stores:
             self._roots_in_flight[root] = request_id
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(prompt_token_ids)
+        self._counters["requests"] += 1
+        self._counters["prompt_tokens"] += len(prompt_token_ids)
         return request_id
 
     def has_unfinished(self) -> bool:
@@ -195,7 +200,7 @@ class LLMEngine:
                 seq.logprobs.append(lp)
                 if top is not None:
                     seq.top_logprobs.append(top)
-                self.stats["generation_tokens"] += 1
+                self._counters["generation_tokens"] += 1
                 p = seq.params
                 # min_tokens: too short to stop (its stop tokens were masked), as in vLLM
                 may_stop = seq.num_generated >= p.min_tokens
@@ -212,7 +217,27 @@ class LLMEngine:
                 # validate keeps prompt + max_tokens within max_model_len: the second test is a safety net
                 elif seq.num_generated >= seq.params.max_tokens or len(seq) >= self.config.max_model_len:
                     self._finish(seq, "length")
-        return failed + self._collect(block=not batch)
+        return failed + self._deltas() + self._collect(block=not batch)
+
+    def _deltas(self) -> list[RequestOutput]:
+        """What the last step added to each streaming request's samples (the tokens only grow: a preempted
+        sample is recomputed from its tokens, so the deltas add up to exactly the final output)."""
+        outs = []
+        for req in self.requests.values():
+            if not req.stream:
+                continue
+            parts = []
+            for seq in req.seqs:
+                a, b = req.sent[seq.sample_index], seq.num_generated
+                if b > a:
+                    tops = seq.top_logprobs[a:b] if seq.params.top_logprobs else None
+                    parts.append(CompletionOutput(seq.sample_index, seq.output_token_ids[a:b], seq.logprobs[a:b],
+                                                  None, top_logprobs=tops))
+                    req.sent[seq.sample_index] = b
+            if parts:
+                outs.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, parts,
+                                          list(self.model_config.moe_layer_ids), finished=False))
+        return outs
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
         """End ``req`` now: each unfinished sample with finish_reason "error", what it generated before, and no
@@ -292,9 +317,13 @@ class LLMEngine:
         if len(req.done) < req.params.n or req.pending:
             return None
         self._drop(req)
+        # Sample 0 computed them for all; incomplete (an abort or error before the prompt was forwarded): None
+        head = req.seqs[0]
+        prompt_lps = head.prompt_logprobs if req.params.prompt_logprobs is not None else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              [req.done[i] for i in range(req.params.n)], list(self.model_config.moe_layer_ids),
-                             num_cached_tokens=req.seqs[0].num_cached_prompt_tokens)
+                             num_cached_tokens=head.num_cached_prompt_tokens,
+                             prompt_logprobs=None if head.needs_prompt_logprobs else prompt_lps)
 
     def _deliver_routing(self, req: _Request, out: CompletionOutput, rows: torch.Tensor) -> None:
         array = rows.numpy()
@@ -340,6 +369,27 @@ class LLMEngine:
         """Free the KV cache of every running request: each is recomputed from its tokens when it is
         scheduled again, so after a weight sync its cache and routing rows come from the new weights."""
         self.scheduler.preempt_all()
+
+    @property
+    def stores_routing(self) -> bool:
+        """Whether routing is written to a store (then every output has a routing_key)."""
+        return self.store_writer is not None
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges for monitoring: requests / prompt / generation tokens so far, sequences waiting
+        and running, free KV blocks (cached prefixes count as free), preemptions, and the store writer's
+        queue depth, writes done and failed (refused submits included). It only reads sizes and counters,
+        so a monitor may call it from another thread while the engine steps."""
+        s, w = self.scheduler, self.store_writer
+        return {**self._counters, "waiting": len(s.waiting), "running": len(s.running),
+                "free_kv_blocks": s.blocks.num_free, "total_kv_blocks": self.runner.num_blocks,
+                "preemptions": s.num_preemptions, "store_queue_depth": w.queue_depth if w else 0,
+                "store_written": w.written if w else 0, "store_errors": w.errors if w else 0}
+
+    def update_weights_from_checkpoint(self, model_dir: str) -> int:
+        """``update_weights`` from a checkpoint directory (safetensors, transformers or checkpoint names);
+        every name and shape is checked before anything is written."""
+        return self.update_weights(checkpoint_tensors(model_dir))
 
     def update_weights(self, named_tensors) -> int:
         """In-place weight sync; cached prefixes were computed with the old weights, so drop them."""

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from routereplay.config import EngineConfig
-from routereplay.engine.context import Context, reset_context, set_context
+from routereplay.context import Context, reset_context, set_context
 from routereplay.engine.sequence import Sequence
 from routereplay.layers.parallel import TP
 from routereplay.layers.sampler import sample, top_logprobs
@@ -24,6 +24,9 @@ CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not gi
 # A tiny model on a large GPU would otherwise get tens of millions of blocks, and the block manager's
 # per-block bookkeeping would take minutes to build; 1M blocks are 16M cached tokens at block size 16.
 MAX_KV_BLOCKS = 1 << 20
+# Prompt log-probs: logits of at most this many elements (256 MiB in fp32) exist at once; each piece is reduced
+# to the prompt tokens' log-probs and the top N at once, so a long prompt never holds [P, vocab].
+PROMPT_LOGITS_ELEMENTS = 1 << 26
 
 
 @dataclass(slots=True)
@@ -39,6 +42,13 @@ class StepInputs:
     max_q: int
     is_decode: bool
     sample_rows: list[int]
+    # prompt log-probs (SamplingParams.prompt_logprobs): the rows whose logits score the next prompt token, that
+    # token, the widest top-N asked for among them, and how many rows' logits exist at once; every rank computes
+    # those logits piece by piece alike (a gather under TP)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top: int = 0
+    prompt_piece: int = 1
 
 
 def _why_broken(row: torch.Tensor) -> str:
@@ -184,12 +194,27 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
-        """The step's token layout; sequences whose last token is forwarded get sampled."""
+    def prepare(self, batch: list[tuple[Sequence, int]]
+                ) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int]]]:
+        """The step's token layout; sequences whose last token is forwarded get sampled. Also, per sequence
+        that still needs prompt log-probs, how many of its rows score prompt tokens (in inp.prompt_rows)."""
         inp = StepInputs([], [], [], [0], [], [], max(n for _, n in batch), False, [])
         to_sample = []
+        prompt_seqs = []
         for seq, n in batch:
             start = seq.num_computed_tokens
+            if seq.needs_prompt_logprobs:
+                # Position q scores prompt token q + 1. Positions already scored (before a preemption and
+                # recompute) are skipped; none is missing: such a sequence never reads the prefix cache.
+                first, end = len(seq.prompt_logprobs) - 1, min(start + n, seq.num_prompt_tokens - 1)
+                if start > first:
+                    raise RuntimeError(f"sequence {seq.seq_id}: prompt log-probs need position {first}, "
+                                       f"its forward starts at {start}")
+                if end > first:
+                    inp.prompt_rows += range(inp.cu[-1] + first - start, inp.cu[-1] + end - start)
+                    inp.prompt_targets += seq.token_ids[first + 1 : end + 1]
+                    inp.prompt_top = max(inp.prompt_top, seq.params.prompt_logprobs)
+                    prompt_seqs.append((seq, end - first))
             inp.ids += seq.token_ids[start : start + n]
             inp.pos += range(start, start + n)
             inp.slots += self._slots(seq, start, start + n)
@@ -200,11 +225,13 @@ class ModelRunner:
                 inp.sample_rows.append(inp.cu[-1] - 1)
                 to_sample.append(seq)
         inp.is_decode = inp.cu[-1] == len(batch)
-        return inp, to_sample
+        inp.prompt_piece = max(1, PROMPT_LOGITS_ELEMENTS // self.config.model_config.vocab_size)
+        return inp, to_sample, prompt_seqs
 
     @torch.inference_mode()
-    def execute(self, inp: StepInputs) -> torch.Tensor | None:
-        """Forward the step on this rank; logits [sampled rows, vocab] (gathered over ranks) or None."""
+    def execute(self, inp: StepInputs) -> tuple[torch.Tensor | None, tuple | None]:
+        """Forward the step on this rank: logits [sampled rows, vocab] (gathered over ranks) or None, and on
+        rank 0 the prompt log-probs of inp.prompt_rows (``_prompt_logprobs``) or None."""
         dev = self.device
         if inp.is_decode and self.graphs and len(inp.ids) <= self.graph_sizes[-1]:
             hidden = self._replay(inp.ids, inp.pos, inp.slots, inp.ctx_lens, inp.tables)
@@ -220,9 +247,53 @@ class ModelRunner:
             ))
             hidden = self.model(torch.tensor(inp.ids, dtype=torch.long).to(dev, non_blocking=True))
             reset_context()
+        prompt = self._prompt_logprobs(hidden, inp) if inp.prompt_rows else None
         if not inp.sample_rows:
+            return None, prompt
+        return self.model.compute_logits(hidden[torch.tensor(inp.sample_rows, device=dev)]), prompt
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs
+                         ) -> tuple[list[float], list[list[float]], list[list[int]]] | None:
+        """Per row of inp.prompt_rows, under the plain fp32 log-softmax of its raw logits (vLLM's prompt
+        log-probs: no temperature, penalties, top-k / top-p): the log-prob of its target token and the
+        inp.prompt_top most likely (log-probs, token ids), most likely first. The token's own log-prob and the
+        top entries are read from one tensor: equal tokens get bit-identical values. inp.prompt_piece rows at a
+        time (PROMPT_LOGITS_ELEMENTS); every rank computes the logits (a collective under TP), rank 0 reduces."""
+        dev, step = self.device, inp.prompt_piece
+        own, top_lp, top_id = [], [], []
+        for a in range(0, len(inp.prompt_rows), step):
+            logits = self.model.compute_logits(hidden[torch.tensor(inp.prompt_rows[a : a + step], device=dev)])
+            if self.rank != 0:
+                continue
+            logp = torch.log_softmax(logits, dim=-1)
+            del logits
+            targets = torch.tensor(inp.prompt_targets[a : a + step], dtype=torch.long, device=dev)
+            own.append(logp.gather(1, targets[:, None]).squeeze(1))
+            if inp.prompt_top:
+                v, i = logp.topk(min(inp.prompt_top, logp.shape[-1]), dim=-1)
+                top_lp.append(v)
+                top_id.append(i)
+            del logp
+        if self.rank != 0:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(inp.sample_rows, device=dev)])
+        if not inp.prompt_top:
+            return torch.cat(own).tolist(), [], []
+        return torch.cat(own).tolist(), torch.cat(top_lp).tolist(), torch.cat(top_id).tolist()
+
+    @staticmethod
+    def _record_prompt_logprobs(prompt_seqs: list[tuple[Sequence, int]], prompt: tuple) -> None:
+        """Append each sequence's new prompt log-prob entries ({token: log-prob, then its top N}), in position
+        order (vLLM's dict: the prompt token first, then the most likely)."""
+        own, top_lp, top_id = prompt
+        j = 0
+        for seq, count in prompt_seqs:
+            n = seq.params.prompt_logprobs
+            for _ in range(count):
+                entry = {seq.token_ids[len(seq.prompt_logprobs)]: own[j]}
+                if n:
+                    entry.update(zip(top_id[j][:n], top_lp[j][:n], strict=True))
+                seq.prompt_logprobs.append(entry)
+                j += 1
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]
@@ -230,10 +301,12 @@ class ModelRunner:
         """Forward the batch (on every rank); sample for every sequence whose last token was forwarded.
         Returns those sequences, their tokens, log-probs, top log-probs ({token: log-prob}) where asked, and
         per sequence None or why its distribution was broken (its token must not be used)."""
-        inp, to_sample = self.prepare(batch)
+        inp, to_sample, prompt_seqs = self.prepare(batch)
         if self.workers is not None:
             self.workers.send(("run", inp))
-        logits = self.execute(inp)
+        logits, prompt = self.execute(inp)
+        if prompt is not None:
+            self._record_prompt_logprobs(prompt_seqs, prompt)
         if not to_sample:
             return [], [], [], [], []
         dev = self.device

@@ -33,9 +33,19 @@ class Sequence:
     stop_reason: str | None = None  # the stop string that ended it
     waits_for: Sequence | None = None  # n > 1: later samples wait until sample 0's prompt is cached
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on admission (stats, tests)
+    # params.prompt_logprobs, sample 0 only (shared by the request's samples): entry t for prompt token t, the first
+    # None; filled in position order as the prefill forwards positions t - 1 (ModelRunner.run)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether forwards of this sequence must still produce prompt log-probs: then it must not read the
+        prefix cache (vLLM V1), so that every prompt position it still lacks is forwarded."""
+        return (self.params.prompt_logprobs is not None and self.sample_index == 0
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
 
     @property
     def num_generated(self) -> int:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routereplay import kernels
-from routereplay.engine.context import get_context
+from routereplay.context import get_context
 from routereplay.kernels.attention import _gather_slots
 from routereplay.layers.attention import Attention
 from routereplay.layers.parallel import TP, all_reduce, mark

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routereplay.engine.context import get_context
+from routereplay.context import get_context
 from routereplay.kernels.fused import qk_norm_rope
 from routereplay.layers.norm import RMSNorm
 from routereplay.layers.parallel import TP, ColumnParallelLinear, RowParallelLinear

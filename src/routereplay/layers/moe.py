@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from routereplay import kernels
-from routereplay.engine.context import get_context
+from routereplay.context import get_context
 from routereplay.layers.mlp import MLP
 from routereplay.layers.parallel import TP, all_reduce
 

@@ -7,7 +7,7 @@ down_proj), so a trainer's `named_parameters()` can be synced in without transla
 import torch
 from torch import nn
 
-from routereplay.engine.context import get_context
+from routereplay.context import get_context
 from routereplay.layers.attention import Attention
 from routereplay.layers.mlp import MLP
 from routereplay.layers.moe import Experts, SparseMoE
@@ -83,7 +83,7 @@ class Backbone(nn.Module):
 class MoECausalLM(nn.Module):
     """forward(input_ids [N]) -> hidden [N, H]; compute_logits(hidden) -> [N, V] in fp32.
 
-    The token layout, positions and KV slots come from the forward context (engine.context).
+    The token layout, positions and KV slots come from the forward context (routereplay.context).
     """
 
     def __init__(self, family: Family, hf_config, moe_layer_ids: list[int]) -> None:

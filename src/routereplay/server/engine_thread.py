@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from routereplay.engine.llm_engine import LLMEngine
 from routereplay.outputs import RequestOutput
@@ -30,8 +30,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     prompt_index: int | None = None  # its place in a batch sharing one rollout id (store keys R/j/i)
-    seqs: list = field(default_factory=list)
-    sent: list[int] = field(default_factory=list)  # streamed tokens per sample
 
     def emit(self, event: tuple) -> None:
         try:
@@ -60,7 +58,7 @@ class EngineThread:
         self.paused = False  # written by the engine thread only: no step runs while set
         self.last_step = 0.0  # time.monotonic() at the end of the last engine step
         self._pending_lock = threading.Lock()
-        self.snapshot: dict[str, int] = self._take_snapshot()
+        self.snapshot: dict[str, int] = engine.stats()  # refreshed by the engine thread after each step
 
     def start(self) -> None:
         self._thread.start()
@@ -87,11 +85,6 @@ class EngineThread:
         if self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join(timeout)
-
-    def _take_snapshot(self) -> dict[str, int]:
-        s = self.engine.scheduler
-        return {**self.engine.stats, "waiting": len(s.waiting), "running": len(s.running),
-                "free_kv_blocks": s.blocks.num_free, "preemptions": s.num_preemptions}
 
     def _run(self) -> None:
         try:
@@ -141,20 +134,18 @@ class EngineThread:
                     finished = []
                 self.last_step = time.monotonic()
                 self._publish(finished)
-            self.snapshot = self._take_snapshot()
+            self.snapshot = engine.stats()
 
     def _add(self, job: Job) -> None:
         try:
             self.engine.add_request(job.prompt_token_ids, job.params, request_id=job.request_id,
-                                    prompt=job.prompt, prompt_index=job.prompt_index)
+                                    prompt=job.prompt, prompt_index=job.prompt_index, stream=job.stream)
         except ValueError as e:  # validated by the handler already; what it cannot see: a rollout id in flight
             job.emit(("error", job.request_id, str(e), 400))
             return
         except Exception as e:
             job.emit(("error", job.request_id, f"{type(e).__name__}: {e}", 500))
             return
-        job.seqs = list(self.engine.requests[job.request_id].seqs)
-        job.sent = [0] * len(job.seqs)
         self._jobs[job.request_id] = job
 
     def end_early(self, rid: str, every: bool) -> int:
@@ -165,18 +156,14 @@ class EngineThread:
         self._publish([out for out in ended if out is not None])
         return len(ended)
 
-    def _publish(self, finished: list[RequestOutput]) -> None:
-        for job in self._jobs.values():
-            if job.stream:
-                for i, seq in enumerate(job.seqs):
-                    start = seq.num_prompt_tokens + job.sent[i]
-                    new = seq.token_ids[start:]
-                    if new:
-                        a, b = job.sent[i], job.sent[i] + len(new)
-                        tops = seq.top_logprobs[a:b] if seq.params.top_logprobs else None
-                        job.emit(("delta", job.request_id, i, new, seq.logprobs[a:b], tops))
-                        job.sent[i] = b
-        for out in finished:
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if not out.finished:  # a streaming request's step delta
+                job = self._jobs.get(out.request_id)
+                if job is not None:
+                    for c in out.outputs:
+                        job.emit(("delta", out.request_id, c.index, c.token_ids, c.logprobs, c.top_logprobs))
+                continue
             job = self._jobs.pop(out.request_id, None)
             if job is not None:
                 job.emit(("done", out.request_id, out))
