@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from routereplay.routing.codec import decode, encode, from_sglang, from_vllm, routing_dtype
+from routereplay.routing.codec import decode, encode, from_sglang, from_vllm, routing_dtype, to_sglang
 
 
 def ids(t: int, layers: int, k: int, high: int, dtype: str, seed: int = 0) -> np.ndarray:
@@ -80,37 +80,93 @@ def test_routing_dtype_rule() -> None:
 
 
 # SGLang (--enable-return-routed-experts) returns meta_info["routed_experts"] as the base64 of the
-# raw bytes of an int32 tensor [T, L, K] (tensor.numpy().tobytes(), little-endian on x86/ARM), with
-# no shape attached. We build exactly that from numpy.
+# raw bytes of an int32 tensor [T, num_hidden_layers, K] (tensor.numpy().tobytes(), little-endian on
+# x86/ARM), a slot for EVERY decoder layer, dense layers zero, with no shape attached. We build exactly
+# that from numpy. (The real checkpoints' round trip is in tests/test_sglang_layout.py.)
 def sglang_payload(arr: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(arr, dtype="<i4").tobytes()).decode("ascii")
 
 
+def sglang_full(compact: np.ndarray, layer_ids: list[int], num_layers: int) -> np.ndarray:
+    full = np.zeros((compact.shape[0], num_layers, compact.shape[2]), np.int64)
+    full[:, layer_ids, :] = compact
+    return full
+
+
 @pytest.mark.parametrize(
     "high,expected",
-    [(64, np.uint8), (256, np.uint8), (300, np.uint16), (65536, np.uint16), (70000, np.int32)],
+    [(64, np.uint8), (256, np.uint8), (300, np.uint16), (65536, np.uint16)],
 )
 def test_from_sglang(high: int, expected: type) -> None:
     arr = ids(7, 4, 8, high=high, dtype="int64", seed=high)
     arr[0, 0, 0] = high - 1  # make the max id present so the dtype choice is exercised
-    out = from_sglang(sglang_payload(arr), num_moe_layers=4, top_k=8)
+    out = from_sglang(sglang_payload(arr), [0, 1, 2, 3], 4, 8)
     assert out.shape == (7, 4, 8) and out.dtype == expected
     np.testing.assert_array_equal(out, arr)
 
 
-def test_from_sglang_keeps_negative_placeholders_as_int32() -> None:
+def test_from_sglang_dense_layers_and_num_experts_dtype() -> None:
+    compact = ids(5, 2, 2, high=8, dtype="uint8")
+    payload = sglang_payload(sglang_full(compact, [1, 3], 4))
+    out = from_sglang(payload, [1, 3], 4, 2, num_rows=5)
+    assert out.dtype == np.uint8 and out.shape == (5, 2, 2)
+    np.testing.assert_array_equal(out, compact)
+    # num_experts pins the engine's dtype rule whatever ids this payload happens to use
+    assert from_sglang(payload, [1, 3], 4, 2, num_experts=300).dtype == np.uint16
+    assert from_sglang(payload, [1, 3], 4, 2, num_experts=8).dtype == np.uint8
+    with pytest.raises(ValueError, match="num_experts=4"):
+        from_sglang(sglang_payload(sglang_full(np.full((1, 2, 2), 5), [1, 3], 4)), [1, 3], 4, 2, num_experts=4)
+
+
+@pytest.mark.parametrize("bad", [-1, 70000])
+def test_from_sglang_rejects_ids_the_compact_form_cannot_hold(bad: int) -> None:
     arr = ids(3, 2, 2, high=16, dtype="int32")
-    arr[:, 0, :] = -1  # placeholder for a dense (non-MoE) layer
-    out = from_sglang(sglang_payload(arr), 2, 2)
-    assert out.dtype == np.int32
-    np.testing.assert_array_equal(out, arr)
+    arr[1, 0, 1] = bad
+    with pytest.raises(ValueError, match="negative" if bad < 0 else "uint16"):
+        from_sglang(sglang_payload(arr), [0, 1], 2, 2)
+
+
+def test_to_sglang_round_trip_and_validation() -> None:
+    compact = ids(6, 3, 2, high=300, dtype="uint16")
+    payload = to_sglang(compact, [0, 2, 5], 6)
+    raw = np.frombuffer(base64.b64decode(payload), dtype="<i4").reshape(6, 6, 2)
+    np.testing.assert_array_equal(raw[:, [0, 2, 5]], compact)
+    assert not raw[:, [1, 3, 4]].any()
+    np.testing.assert_array_equal(from_sglang(payload, [0, 2, 5], 6, 2), compact)
+    assert to_sglang(compact[:0], [0, 2, 5], 6) == ""
+    for args, field in [((compact, [0, 2], 6), "moe_layer_ids"), ((compact, [0, 5, 2], 6), "strictly increasing"),
+                        ((compact, [0, 2, 6], 6), "num_hidden_layers"), ((compact, [-1, 2, 5], 6), "outside"),
+                        ((compact[0], [0, 2, 5], 6), "shape"), ((compact.astype(np.float32), [0, 2, 5], 6), "dtype"),
+                        ((compact.astype(np.int64) - 1, [0, 2, 5], 6), "int32"), ((compact, [0, 2, 5], 0), ">= 1")]:
+        with pytest.raises(ValueError, match=field):
+            to_sglang(*args)
+    with pytest.raises(TypeError, match="moe_layer_ids"):
+        to_sglang(compact, 3, 6)  # type: ignore[arg-type]
 
 
 def test_from_sglang_empty_and_bad_length() -> None:
-    assert from_sglang("", 3, 2).shape == (0, 3, 2)
+    assert from_sglang("", [0, 1, 2], 3, 2).shape == (0, 3, 2)
+    assert from_sglang("", [1], 3, 2, num_rows=0).dtype == np.uint8
     payload = sglang_payload(ids(5, 3, 2, high=8, dtype="int32"))
     with pytest.raises(ValueError, match="multiple"):
-        from_sglang(payload, num_moe_layers=4, top_k=2)
+        from_sglang(payload, [0, 1, 2, 3], 4, 2)
+    with pytest.raises(ValueError, match="num_rows=4"):
+        from_sglang(payload, [0, 1, 2], 3, 2, num_rows=4)
+    with pytest.raises(ValueError, match="routed_experts"):
+        from_sglang("***", [0, 1, 2], 3, 2)
+
+
+def test_from_sglang_old_signature_is_a_type_error() -> None:
+    """from_sglang(b64, num_moe_layers, top_k) cannot place dense layers: it must not run at all."""
+    payload = sglang_payload(ids(4, 2, 2, high=8, dtype="int32"))
+    for call in (lambda: from_sglang(payload, 2, 2), lambda: from_sglang(payload, 2, 4, 2),
+                 lambda: from_sglang(payload, np.int64(2), 2)):
+        with pytest.raises(TypeError, match="moe_layer_ids"):
+            call()
+    with pytest.raises(TypeError, match="top_k"):
+        from_sglang(payload, [0, 1], 2)
+    with pytest.raises(TypeError):
+        from_sglang(payload, num_moe_layers=2, top_k=2)  # type: ignore[call-arg]
 
 
 # vLLM (--enable-return-routed-experts) returns routed_experts as the base64 of np.save() bytes of a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -27,6 +28,7 @@ MODEL = "tiny-moe"  # --served-model-name
 MAX_MODEL_LEN = 256
 START_TIMEOUT_S = 90.0
 L_MOE, TOP_K, NUM_EXPERTS, VOCAB = 2, 2, 8, 128  # the tiny qwen3_moe checkpoint
+MOE_LAYER_IDS, NUM_LAYERS = [1, 3], 4
 
 
 def _free_port() -> int:
@@ -518,11 +520,17 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
     assert [t for _, t, _ in meta["output_token_logprobs"]] == ch.token_ids
     np.testing.assert_allclose([lp for lp, _, _ in meta["output_token_logprobs"]], ch.logprobs.token_logprobs,
                                atol=1e-5)
-    routing = from_sglang(meta["routed_experts"], L_MOE, TOP_K)
+    routing = from_sglang(meta["routed_experts"], MOE_LAYER_IDS, NUM_LAYERS, TOP_K)
     np.testing.assert_array_equal(routing, decode(ch.routed_experts))
+    # as slime reads it (slime/utils/types.py Sample._apply_meta_info): int32, a slot per layer, dense zeros
+    raw = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype="<i4")
+    full = raw.reshape(len(prompt) + 8 - 1, NUM_LAYERS, TOP_K)
+    assert not full[:, [0, 2]].any() and (full[:, MOE_LAYER_IDS] == routing).all()
+    compact = srv.post("/generate", {**body, "rid": "gen-c", "routed_experts_compact": True}).json()["meta_info"]
+    np.testing.assert_array_equal(decode(compact["routed_experts"]), routing)
     np.testing.assert_array_equal(LocalStore(srv.store_dir).get("gen-a"), routing)
     later = srv.post("/generate", {**body, "rid": "gen-b", "routed_experts_start_len": 3}).json()["meta_info"]
-    np.testing.assert_array_equal(from_sglang(later["routed_experts"], L_MOE, TOP_K), routing[3:])
+    np.testing.assert_array_equal(from_sglang(later["routed_experts"], MOE_LAYER_IDS, NUM_LAYERS, TOP_K), routing[3:])
 
     text = srv.post("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 12, "temperature": 0,
                                                                      "ignore_eos": True}}).json()["text"]
@@ -544,8 +552,8 @@ def test_sglang_generate_matches_completions_and_routing(srv: Server, tok) -> No
                                    "return_routed_experts": True, "sampling_params": {**greedy, "n": 2}}).json()
     assert [x["output_ids"] for x in batch] == [singles[0], singles[0], singles[1], singles[1]]
     assert [x["meta_info"]["routing_key"] for x in batch] == ["gen-b0/0", "gen-b0/1", "gen-b1/0", "gen-b1/1"]
-    np.testing.assert_array_equal(LocalStore(srv.store_dir).get("gen-b1/0"),
-                                  from_sglang(batch[2]["meta_info"]["routed_experts"], L_MOE, TOP_K))
+    np.testing.assert_array_equal(LocalStore(srv.store_dir).get("gen-b1/0"), from_sglang(
+        batch[2]["meta_info"]["routed_experts"], MOE_LAYER_IDS, NUM_LAYERS, TOP_K))
     for bad, param in [({"input_ids": [prompt, [5, VOCAB + 1]]}, "input_ids"),
                        ({"input_ids": [prompt, [5]], "rid": ["only-one"]}, "rid"),
                        ({"input_ids": prompt, "rid": ["a"]}, "rid")]:

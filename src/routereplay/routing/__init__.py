@@ -1,5 +1,5 @@
-"""Routing on the wire: the response format and readers for peers' formats."""
+"""Routing on the wire: the response format, readers for peers' formats, and SGLang's layout written exactly."""
 
-from routereplay.routing.codec import decode, encode, from_sglang, from_vllm, routing_dtype
+from routereplay.routing.codec import decode, encode, from_sglang, from_vllm, routing_dtype, to_sglang
 
-__all__ = ["encode", "decode", "from_sglang", "from_vllm", "routing_dtype"]
+__all__ = ["encode", "decode", "from_sglang", "from_vllm", "routing_dtype", "to_sglang"]

@@ -8,11 +8,10 @@ hand work over through a queue (the thread blocks on it when idle); the thread a
 ``loop.call_soon_threadsafe`` into one asyncio.Queue per HTTP request. Handlers do call
 ``engine.validate``: it only reads the engine's immutable configuration.
 
-Streaming. ``LLMEngine.step()`` returns only the requests that completed, so after every step the
-engine thread reads the live sequences of streaming requests (``engine.requests[rid].seqs``: each
-``Sequence`` has ``token_ids``, ``num_prompt_tokens`` and ``logprobs``) and pushes what is new since
-the last step. Those lists only grow (preemption recomputes the KV cache but keeps the tokens), so
-the deltas add up to exactly the final output.
+Streaming. A streaming request is added with ``stream=True``: ``LLMEngine.step()`` then also returns
+what each step added to its samples (``RequestOutput.finished`` False), which the engine thread pushes
+to the handler; the deltas add up to exactly the final output. The server uses only the engine's
+public methods (``add_request``, ``step``, ``abort``, ``stats``, ``update_weights_from_checkpoint``, ...).
 
 Routing. A response (or a stream's final chunk) is sent only after its routing write to the store
 finished, so a client holding a response can read the store at once. A failed write is logged,
@@ -22,7 +21,6 @@ counted, and reported in the choice's ``routing_error``; the request itself stil
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import json
 import logging
@@ -41,9 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from routereplay.config import EngineConfig
 from routereplay.engine.llm_engine import LLMEngine, load_tokenizer
-from routereplay.models.loader import checkpoint_tensors
 from routereplay.outputs import CompletionOutput, RequestOutput
-from routereplay.routing import encode
+from routereplay.routing import encode, to_sglang
 from routereplay.sampling_params import MAX_TOP_LOGPROBS, SamplingParams, client_key_error, cut_at_stop
 from routereplay.server.engine_thread import EngineThread, Job
 from routereplay.server.options import ServerOptions
@@ -91,7 +88,7 @@ class _Service:
     def __init__(self, engine: LLMEngine, served_model_name: str | None, options: ServerOptions) -> None:
         self.engine = engine
         self.options = options
-        self.runner = EngineThread(engine)
+        self.thread = EngineThread(engine)  # the one thread that calls the engine
         self.model_name = served_model_name or engine.config.model
         self.aliases = {self.model_name, engine.config.model}
         self.tokenizer = load_tokenizer(engine.config.model)  # its own: the engine thread uses the engine's
@@ -105,8 +102,8 @@ class _Service:
                            "model", code="model_not_found")
 
     def check_alive(self) -> None:
-        if not self.runner.alive:
-            raise ApiError(503, self.runner.failed or "the engine is not running", type="server_error")
+        if not self.thread.alive:
+            raise ApiError(503, self.thread.failed or "the engine is not running", type="server_error")
 
     def decode(self, token_ids: list[int], params: SamplingParams) -> str:
         if self.tokenizer is None:
@@ -229,7 +226,7 @@ class _Service:
         d: dict[str, Any] = {}
         if c.routed_experts is not None:
             d["routed_experts"] = encode(c.routed_experts)
-        if self.engine.store_writer is not None:
+        if self.engine.stores_routing:
             d["routing_key"] = c.routing_key
             d["routing_error"] = c.routing_error
         return d
@@ -259,7 +256,7 @@ class _Service:
         jobs = self.build_jobs(body, prompts, logprobs, max_tokens, "messages" if chat else "prompt", rid,
                                max_tokens_field)
         for job in jobs:
-            self.runner.submit(job)
+            self.thread.submit(job)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(jobs, rid, chat, include_usage),
@@ -285,7 +282,7 @@ class _Service:
         finally:
             for job in jobs:
                 if job.request_id not in done:
-                    self.runner.abort(job.request_id)
+                    self.thread.abort(job.request_id)
         return done
 
     def _head(self, rid: str, chat: bool, chunk: bool) -> dict[str, Any]:
@@ -391,7 +388,7 @@ class _Service:
         finally:  # a client that went away frees its sequences
             for job in jobs:
                 if job.request_id not in finished:
-                    self.runner.abort(job.request_id)
+                    self.thread.abort(job.request_id)
 
     # -- endpoints
     async def completions(self, body: CompletionBody) -> JSONResponse | StreamingResponse:
@@ -487,7 +484,7 @@ class _Service:
             # the engine's id is unique; a rid may come back once its earlier request ended (a later turn)
             jobs.append(Job(f"gen-{uuid.uuid4().hex}", ids, params, text, False, asyncio.get_running_loop(), events))
         for job in jobs:
-            self.runner.submit(job)
+            self.thread.submit(job)
         done = await self._wait_all(jobs, "rid")
         results = [result for job in jobs for result in await self._generate_results(body, job, done[job.request_id])]
         return results if batch or len(results) > 1 else results[0]
@@ -514,9 +511,12 @@ class _Service:
                 if c.top_logprobs is not None:
                     meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in top.items()] for top in c.top_logprobs]
             if c.routed_experts is not None:
-                raw = c.routed_experts.astype("<i4").tobytes()
-                meta["routed_experts"] = base64.b64encode(raw).decode("ascii")
-            if self.engine.store_writer is not None:
+                if body.routed_experts_compact:  # ours: MoE layers only, as /v1/completions returns it
+                    meta["routed_experts"] = encode(c.routed_experts)
+                else:  # SGLang's: a slot per decoder layer, dense layers zero (what slime reshapes and indexes)
+                    meta["routed_experts"] = to_sglang(c.routed_experts, out.moe_layer_ids,
+                                                       self.engine.model_config.num_layers)
+            if self.engine.stores_routing:
                 meta.update(routing_key=c.routing_key, routing_error=c.routing_error)
             results.append({"text": text, "output_ids": c.token_ids, "meta_info": meta})
         return results
@@ -527,15 +527,15 @@ class _Service:
         timeout); while paused (a weight sync) the engine thread's liveness stands in; otherwise one token
         is generated, stored nowhere."""
         self.check_alive()
-        if self.runner.paused:
+        if self.thread.paused:
             return {"status": "ok", "checked": "paused"}
-        if self.runner.snapshot["running"] and time.monotonic() - self.runner.last_step < 1.0:
+        if self.thread.snapshot["running"] and time.monotonic() - self.thread.last_step < 1.0:
             return {"status": "ok", "checked": "recent step"}
         params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=False, return_routed_experts=False,
                                 store_routing=False)
         job = Job(f"health-{uuid.uuid4().hex}", [0], params, None, False, asyncio.get_running_loop(),
                   asyncio.Queue())
-        self.runner.submit(job)
+        self.thread.submit(job)
         out = (await self._wait_all([job]))[job.request_id]
         return {"status": "ok", "checked": f"generated {len(out.outputs[0].token_ids)} token"}
 
@@ -544,7 +544,7 @@ class _Service:
         self.check_alive()
         loop = asyncio.get_running_loop()
         result: asyncio.Future = loop.create_future()
-        self.runner.call(fn, lambda value, error: loop.call_soon_threadsafe(result.set_result, (value, error)))
+        self.thread.call(fn, lambda value, error: loop.call_soon_threadsafe(result.set_result, (value, error)))
         return await result
 
     async def flush_cache(self) -> dict[str, Any]:
@@ -560,10 +560,10 @@ class _Service:
         With ``in_place`` they continue on whatever weights a sync in between installs."""
         def apply(engine: LLMEngine) -> None:
             if mode == "abort":
-                self.runner.end_early("", every=True)
+                self.thread.end_early("", every=True)
             elif mode == "retract":
                 engine.retract()
-            self.runner.paused = paused
+            self.thread.paused = paused
 
         _, error = await self.on_engine_thread(apply)
         if error is not None:
@@ -575,7 +575,7 @@ class _Service:
         matching requests end at once and their callers get what was generated, finish_reason abort."""
         if not (body.abort_all or body.rid):
             raise ApiError(400, "give rid or abort_all=true", "rid")
-        count, error = await self.on_engine_thread(lambda engine: self.runner.end_early(body.rid, body.abort_all))
+        count, error = await self.on_engine_thread(lambda engine: self.thread.end_early(body.rid, body.abort_all))
         if error is not None:
             raise ApiError(503, error, type="server_error")
         return {"success": True, "aborted": count}
@@ -593,7 +593,7 @@ class _Service:
             raise ApiError(400, f"model_path {body.model_path!r} is not a directory", "model_path")
         # names and shapes are checked before anything is written: on an error the old weights stay
         count, error = await self.on_engine_thread(
-            lambda engine: engine.update_weights(checkpoint_tensors(body.model_path)))
+            lambda engine: engine.update_weights_from_checkpoint(body.model_path))
         if error is not None:
             raise ApiError(400, f"update_weights_from_disk: {error}", "model_path")
         return {"success": True, "num_tensors": count}
@@ -649,8 +649,7 @@ class _Service:
         return {"object": "list", "data": [card]}
 
     def metrics(self) -> str:
-        snap = self.runner.snapshot
-        writer = self.engine.store_writer
+        snap = self.engine.stats()  # sizes and counters only: safe to read beside the engine thread
         rows: list[tuple[str, Literal["counter", "gauge"], str, int]] = [
             ("routereplay_requests_total", "counter", "Engine requests accepted (one per prompt).",
              snap["requests"]),
@@ -658,19 +657,19 @@ class _Service:
              snap["prompt_tokens"]),
             ("routereplay_generation_tokens_total", "counter", "Tokens generated.", snap["generation_tokens"]),
             ("routereplay_queue_depth", "gauge", "Sequences waiting or running in the engine, plus requests "
-             "not yet taken by the engine thread.", snap["waiting"] + snap["running"] + self.runner.pending),
+             "not yet taken by the engine thread.", snap["waiting"] + snap["running"] + self.thread.pending),
             ("routereplay_paused", "gauge", "1 while generation is paused (/pause_generation).",
-             int(self.runner.paused)),
+             int(self.thread.paused)),
             ("routereplay_free_kv_blocks", "gauge", "KV cache blocks free (cached prefixes count as free).",
              snap["free_kv_blocks"]),
             ("routereplay_preemptions_total", "counter", "Sequences preempted (KV freed, recomputed later).",
              snap["preemptions"]),
             ("routereplay_store_queue_depth", "gauge", "Routing store writes accepted and not finished.",
-             writer.queue_depth if writer else 0),
+             snap["store_queue_depth"]),
             ("routereplay_store_written_total", "counter", "Routing store writes that succeeded.",
-             writer.written if writer else 0),
-            ("routereplay_store_errors_total", "counter", "Routing store writes that failed.",
-             writer.errors if writer else 0),
+             snap["store_written"]),
+            ("routereplay_store_errors_total", "counter", "Routing store writes that failed or were refused.",
+             snap["store_errors"]),
         ]
         lines = []
         for name, kind, help_text, value in rows:
@@ -738,17 +737,18 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc.runner.start()
+        svc.thread.start()
         log.info("serving %r (max_model_len %d, routing %s)", svc.model_name, engine.config.max_model_len,
                  engine.config.routing_replay.to_dict())
         try:
             yield
         finally:
-            svc.runner.stop(timeout=options.shutdown_timeout_s)
+            svc.thread.stop(timeout=options.shutdown_timeout_s)
             engine.close(timeout=options.shutdown_timeout_s)  # flushes the routing store writer
-            w = engine.store_writer
-            if w is not None:
-                log.info("engine closed: %d routing writes stored, %d failed", w.written, w.errors)
+            if engine.stores_routing:
+                stats = engine.stats()
+                log.info("engine closed: %d routing writes stored, %d failed", stats["store_written"],
+                         stats["store_errors"])
             else:
                 log.info("engine closed")
 
@@ -800,9 +800,9 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if svc.runner.alive:
+        if svc.thread.alive:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "error", "message": svc.runner.failed or "not started"}, status_code=503)
+        return JSONResponse({"status": "error", "message": svc.thread.failed or "not started"}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

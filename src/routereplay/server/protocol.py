@@ -143,6 +143,8 @@ class GenerateBody(BaseModel):
     top_logprobs_num: int = 0  # with return_logprob: the N most likely tokens at each generated position
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
+    # routereplay: routed_experts in our compact form (MoE layers only, .npy base64) instead of SGLang's
+    routed_experts_compact: bool = False
     rid: str | list[str] | None = None  # also the routing store key
     stream: bool = False
 
