@@ -342,7 +342,7 @@ def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Serv
     from routereplay import LLM, SamplingParams
 
     prompt = [9, 8, 7, 6]
-    assert srv.post("/pause_generation").json() == {"paused": True}
+    assert srv.post("/pause_generation").json()["paused"] is True
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(srv.client().completions.create, model=MODEL, prompt=prompt, max_tokens=8,
@@ -351,7 +351,7 @@ def test_pause_sync_continue_keeps_a_queued_rollout_on_the_new_weights(srv: Serv
             assert srv.metrics()["routereplay_paused"] == 1
             assert not pending.done()
             assert srv.post("/update_weights_from_disk", {"model_path": step2}).status_code == 200
-            assert srv.post("/continue_generation").json() == {"paused": False}
+            assert srv.post("/continue_generation").json()["paused"] is False
             tokens = pending.result(timeout=60).choices[0].token_ids
     finally:
         srv.post("/continue_generation")
@@ -427,7 +427,7 @@ def test_pause_modes_on_a_rollout_in_flight(srv: Server, ckpt: str, step2: str) 
                     extra_body={"ignore_eos": True, "return_routed_experts": True}):
                 parts.append(chunk.choices[0])
                 if len(parts) == 2:  # mid-rollout; while paused no step runs
-                    assert srv.post("/pause_generation", pause).json() == {"paused": True}
+                    assert srv.post("/pause_generation", pause).json()["paused"] is True
                     if sync:
                         assert srv.post("/update_weights_from_disk", {"model_path": step2}).status_code == 200
                     srv.post("/continue_generation")
@@ -776,7 +776,8 @@ BAD = [
     ("empty-rollout_id", CMP, {**GOOD, "rollout_id": ""}, 400, "rollout_id"),
     ("stop-empty-string", CMP, {**GOOD, "stop": ["ok", ""]}, 400, "stop"),
     ("stop-not-strings", CMP, {**GOOD, "stop": [1]}, 400, "stop"),
-    ("echo", CMP, {**GOOD, "echo": True}, 400, "echo"),
+    ("echo-on-chat", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "echo": True}, 400,
+     "echo"),
     ("logprobs-21", CMP, {**GOOD, "logprobs": 21}, 400, "logprobs"),
     ("min_tokens-above-max", CMP, {**GOOD, "min_tokens": 5}, 400, "min_tokens"),
     ("top_logprobs-without-logprobs", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from routereplay.sampling_params import WIRE_NAMES
 from routereplay.server.options import ServerOptions
 
 
@@ -73,47 +74,32 @@ def engine_param(message: str, prompt_field: str) -> str:
 
 
 # ---- request bodies --------------------------------------------------------------------------------
-class SamplingBody(BaseModel):
-    """The fields OpenAI's completions and chat completions share."""
-
-    # Strict: a JSON API should not turn "5" into 5 or true into 1. Unknown fields are ignored.
+class _OpenAIBase(BaseModel):
+    # Strict: a JSON API should not turn "5" into 5 or true into 1. Unknown fields are ignored, as vLLM does.
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str | None = None
-    n: int = 1
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    # OpenAI fields this engine does not implement: rejected when set to a non-default value
-    stop: Any = None
-    echo: Any = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None  # OpenAI's end-user id: logged by nobody here, never a store key
+    # OpenAI fields this engine does not implement: rejected when set to a non-default value (UNSUPPORTED)
     suffix: Any = None
     best_of: Any = None
     logit_bias: Any = None
     tools: Any = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    min_tokens: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
-    # routereplay fields
-    return_routed_experts: bool | None = None
-    routed_experts_start: int = 0
-    rollout_id: str | None = None
-    store_routing: bool = True  # false: this request's routing is returned (if asked) but not stored
+
+
+# The sampling fields, named as WIRE_NAMES says; unset (None) keeps SamplingParams' default, and their values
+# are checked by SamplingParams.validate (the one place that knows each field's type and bounds).
+SamplingBody = create_model("SamplingBody", __base__=_OpenAIBase,
+                            **{w.openai: (Any, None) for w in WIRE_NAMES if w.openai})
+SamplingBody.__doc__ = "The fields OpenAI's completions and chat completions share."
 
 
 class CompletionBody(SamplingBody):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: bool | int | None = None
+    echo: bool = False  # with logprobs: the prompt's tokens and log-probs come first (lm-eval's log-likelihoods)
 
 
 class ChatMessage(BaseModel):
@@ -125,22 +111,63 @@ class ChatMessage(BaseModel):
 
 class ChatBody(SamplingBody):
     messages: list[ChatMessage]
+    echo: Any = None  # not supported on chat (UNSUPPORTED)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
 
 
-class GenerateBody(BaseModel):
-    """SGLang's native ``/generate``, the subset RL frameworks use (slime's rollouts): one prompt or a batch
-    (lists of ``text`` / ``input_ids``, ``rid`` then a list too), no stream."""
+# A field of SGLang's request that this server accepts without implementing it: ``ANY`` value (it does not
+# change what one server computes: routing hints for a router, logging), or only the listed default values
+# (anything else is a 400 naming it).
+ANY = ("<any value>",)
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+
+class SGLangBody(BaseModel):
+    """A body of SGLang's API as its clients (and sglang-router, which re-serialises them with every field it
+    knows at its default) send it: the fields this server implements, plus ``INERT``; any other is a 400."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    INERT: ClassVar[dict[str, tuple]] = {}
+
+    def check_inert(self, where: str = "") -> None:
+        for name, value in (self.model_extra or {}).items():
+            accepted = self.INERT.get(name)
+            if accepted is None:
+                raise ApiError(400, f"{where}{name} is not a field of this endpoint", where + name)
+            if accepted is not ANY and value not in accepted:
+                raise ApiError(400, f"{where}{name}={value!r} is not supported by this server (only "
+                               f"{' or '.join(map(repr, accepted))})", where + name)
+
+
+class GenerateBody(SGLangBody):
+    """SGLang's native ``/generate`` (python/sglang/srt/managers/io_struct.py GenerateReqInput): one prompt or
+    a batch (lists of ``text`` / ``input_ids``, ``rid`` then a list too), no stream."""
+
+    INERT: ClassVar[dict[str, tuple]] = {
+        **dict.fromkeys(["model", "log_metrics", "no_logs", "custom_labels", "priority", "routing_key",
+                         "conversation_id", "data_parallel_rank", "routed_dp_rank", "disagg_prefill_dp_rank",
+                         "kv_router_hint", "extra_key", "external_trace_header", "received_time", "http_worker_ipc",
+                         "return_text_in_logprobs", "cache_salt"], ANY),
+        **dict.fromkeys(["background", "return_hidden_states", "return_bytes", "return_entropy",
+                         "return_prompt_token_ids", "require_reasoning", "return_indexer_topk",
+                         "return_flat_raw_top_logprobs", "return_flat_raw_top_logprobs_b64", "use_audio_in_video"],
+                        (False, None)),
+        "logprob_start_len": (None, -1),
+        **dict.fromkeys(["session_id", "input_embeds", "image_data", "video_data", "audio_data", "mm_hashes",
+                         "mm_content_hashes", "video_config", "modalities", "session_params", "lora_path", "lora_id",
+                         "custom_logit_processor", "positional_embed_overrides", "bootstrap_host", "bootstrap_port",
+                         "bootstrap_room", "bootstrap_pair_key", "decode_tp_size", "max_thinking_tokens",
+                         "need_wait_for_mm_inputs", "num_items_assigned", "encoder_urls", "max_dynamic_patch",
+                         "min_dynamic_patch", "image_max_dynamic_patch", "video_max_dynamic_patch", "images_config",
+                         "multi_item_delimiter_indices", "token_ids_logprob", "return_sampling_mask"], (None,)),
+    }
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
-    return_logprob: bool = False
-    top_logprobs_num: int = 0  # with return_logprob: the N most likely tokens at each generated position
+    sampling_params: dict[str, Any] | None = None
+    return_logprob: bool | None = False
+    top_logprobs_num: int | None = 0  # with return_logprob: the N most likely tokens at each generated position
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
     # routereplay: routed_experts in our compact form (MoE layers only, .npy base64) instead of SGLang's
@@ -149,42 +176,47 @@ class GenerateBody(BaseModel):
     stream: bool = False
 
 
-# SGLang sampling parameter -> SamplingParams field
-SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "n": "n", "stop": "stop", "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos",
-                    "no_stop_trim": "include_stop_str_in_output", "skip_special_tokens": "skip_special_tokens",
-                    "sampling_seed": "seed", "min_new_tokens": "min_tokens", "presence_penalty": "presence_penalty",
-                    "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty"}
-# Accepted and without effect: transformers 5 tokenizers ignore it when decoding (no spaces are put between
-# special tokens). slime sends it with every rollout.
-SGLANG_NO_EFFECT = {"spaces_between_special_tokens"}
+# sampling_params keys SGLang knows and this server does not implement (python/sglang/srt/sampling/
+# sampling_params.py; slime sends spaces_between_special_tokens, and custom_params when top_p != 1)
+SGLANG_SAMPLING_INERT: dict[str, tuple] = {
+    # transformers 5 tokenizers put no spaces between special tokens anyway; custom_params feed custom logit
+    # processors, which this server has none of; stream_interval paces streams, which /generate does not send
+    **dict.fromkeys(["spaces_between_special_tokens", "custom_params", "stream_interval"], ANY),
+    "min_p": (0, 0.0, None),
+    **dict.fromkeys(["json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "thinking_budget"], (None,)),
+}
 
 
-class AbortBody(BaseModel):
-    """SGLang's ``/abort_request``: one rollout (``rid``: /generate's rid or an OpenAI rollout_id) or all."""
+_SGLANG_REQ = {"rid": ANY, "http_worker_ipc": ANY}  # every SGLang control request carries these
 
-    model_config = ConfigDict(strict=True, extra="forbid")
 
+class AbortBody(SGLangBody):
+    """SGLang's ``/abort_request``: one rollout (``rid``: /generate's rid, an OpenAI rollout_id, a batch's
+    rollout_id) or all."""
+
+    INERT: ClassVar[dict[str, tuple]] = {"http_worker_ipc": ANY}
     rid: str = ""
     abort_all: bool = False
 
 
-class PauseBody(BaseModel):
+class PauseBody(SGLangBody):
     """SGLang's ``/pause_generation`` modes: ``abort`` ends the requests in flight with what they generated
     (as /abort_request), ``retract`` frees their KV cache (recomputed on continue, e.g. with synced weights),
     ``in_place`` keeps them as they are."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-
+    INERT: ClassVar[dict[str, tuple]] = _SGLANG_REQ
     mode: Literal["abort", "retract", "in_place"] = "abort"
 
 
-class WeightGroupBody(BaseModel):
-    """SGLang's ``/init_weights_update_group``: this server joins as rank ``rank_offset`` (one rank, whatever
-    its tensor-parallel size); the trainer is rank 0 and hosts the rendezvous."""
+class ContinueBody(SGLangBody):
+    INERT: ClassVar[dict[str, tuple]] = {**_SGLANG_REQ, "torch_empty_cache": ANY}
 
-    model_config = ConfigDict(strict=True, extra="forbid")
 
+class WeightGroupBody(SGLangBody):
+    """SGLang's ``/init_weights_update_group``: this server's ranks join as ``rank_offset + tp_rank``; the
+    trainer is rank 0 and hosts the rendezvous."""
+
+    INERT: ClassVar[dict[str, tuple]] = _SGLANG_REQ
     master_address: str
     master_port: int = Field(ge=1, le=65535)
     rank_offset: int
@@ -193,33 +225,48 @@ class WeightGroupBody(BaseModel):
     backend: Literal["gloo", "nccl"] = "nccl"
 
 
-class DistributedWeightsBody(BaseModel):
+# Weight updates: this server always drops the prefix cache after one (it holds the old weights' KV) and
+# never pauses by itself, so flush_cache and keep_pause change nothing; load_format only as "auto"/None.
+_UPDATE_INERT = {**_SGLANG_REQ, **dict.fromkeys(["flush_cache", "torch_empty_cache", "keep_pause",
+                                                 "recapture_cuda_graph", "token_step"], ANY),
+                 "load_format": (None, "auto"), "is_async": (False,), "manifest": (None,)}
+
+
+class DistributedWeightsBody(SGLangBody):
     """SGLang's ``/update_weights_from_distributed``: rank 0 broadcasts each tensor in ``names`` order."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-
+    INERT: ClassVar[dict[str, tuple]] = _UPDATE_INERT
     names: list[str]
     dtypes: list[str]
     shapes: list[list[int]]
     group_name: str = "weight_update_group"
-    flush_cache: bool = True  # the prefix cache is always dropped after a sync (it holds the old weights' KV)
+    weight_version: str | None = None  # reported back by /get_weight_version and /generate's meta_info
+    abort_all_requests: bool = False  # end the requests in flight first (as /abort_request abort_all)
 
 
-class GroupNameBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
+class GroupNameBody(SGLangBody):
+    INERT: ClassVar[dict[str, tuple]] = _SGLANG_REQ
     group_name: str = "weight_update_group"
 
 
-class UpdateWeightsBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+class UpdateWeightsBody(SGLangBody):
+    model_config = ConfigDict(strict=True, extra="allow", protected_namespaces=())
+    INERT: ClassVar[dict[str, tuple]] = _UPDATE_INERT
 
     model_path: str  # a checkpoint directory (safetensors, transformers names), e.g. the trainer's save
+    weight_version: str | None = None
+    abort_all_requests: bool = False
 
+
+class MemoryBody(SGLangBody):
+    """SGLang's ``/release_memory_occupation`` and ``/resume_memory_occupation``."""
+
+    INERT: ClassVar[dict[str, tuple]] = _SGLANG_REQ
+    tags: list[Literal["kv_cache", "weights"]] | None = None  # None: both
 
 
 # field -> the numeric value that means "off"
-UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "tools": 0}
+UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "tools": 0}  # echo: chat only
 
 
 # ---- reading a body ----------------------------------------------------------------------------------
@@ -349,6 +396,9 @@ def parse_body(model: type[BaseModel], raw: bytes, options: ServerOptions) -> Ba
     if _SURROGATE_ESCAPE.search(text) and (bad := _unencodable(obj)) is not None:
         raise ApiError(400, f"{bad}: not valid unicode (a lone surrogate)", bad)
     try:
-        return model.model_validate(obj)
+        body = model.model_validate(obj)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
+    if isinstance(body, SGLangBody):
+        body.check_inert()
+    return body
