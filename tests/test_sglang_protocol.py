@@ -167,3 +167,28 @@ def srv_decode(ckpt: str, tokens: list[int]) -> str:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ckpt).decode(tokens)
+
+
+def test_release_and_resume_memory_as_slime_calls_them(srv: Server) -> None:
+    """slime/backends/sglang_utils/sglang_engine.py release_memory_occupation (flush_cache, then an empty body:
+    every tag) and resume_memory_occupation (tags ["weights"], then ["cuda_graph"], then ["kv_cache"]): while
+    released, generation is refused and the heartbeat still answers; after resume, the same greedy rollout."""
+    import httpx
+
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+            "return_routed_experts": True}
+    before = srv.post("/generate", body).json()
+    assert httpx.get(srv.url + "/flush_cache").status_code == 200
+    r = srv.post("/release_memory_occupation", content=b"")
+    assert r.status_code == 200 and r.json() is None, r.text
+    assert httpx.get(srv.url + "/health_generate").json()["checked"] == "memory released"
+    refused = srv.post("/generate", body)
+    assert refused.status_code == 400 and "resume_memory" in refused.json()["error"]["message"], refused.text
+    for tags in (["weights"], ["cuda_graph"], ["kv_cache"]):
+        r = srv.post("/resume_memory_occupation", {"tags": tags})
+        assert r.status_code == 200, r.text
+    after = srv.post("/generate", body).json()
+    assert after["output_ids"] == before["output_ids"]
+    assert after["meta_info"]["routed_experts"] == before["meta_info"]["routed_experts"]
+    bad = srv.post("/release_memory_occupation", {"tags": ["gpu"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("tags"), bad.text

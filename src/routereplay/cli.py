@@ -60,6 +60,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompts in one batched request" + d)
     p.add_argument("--shutdown-timeout", type=float, default=o.shutdown_timeout_s, metavar="S",
                    help="seconds given to requests in flight and to the store on shutdown" + d)
+    p.add_argument("--enable-memory-saver", action="store_true",
+                   help="report SGLang's enable_memory_saver in /server_info (slime's offload_rollout checks it); "
+                   "/release_memory_occupation works without it")
     p.set_defaults(func=_serve, parser=p)
 
 
@@ -79,7 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
         options = ServerOptions(
             api_key=args.api_key, weight_dirs=tuple(args.weight_dir), weight_group_timeout_s=args.weight_group_timeout,
             max_request_bytes=args.max_request_bytes, request_body_timeout_s=args.request_body_timeout,
-            max_prompts_per_request=args.max_prompts_per_request, shutdown_timeout_s=args.shutdown_timeout)
+            max_prompts_per_request=args.max_prompts_per_request, shutdown_timeout_s=args.shutdown_timeout,
+            enable_memory_saver=args.enable_memory_saver)
     except (ValueError, TypeError) as e:
         args.parser.error(str(e))
     serve(config, host=args.host, port=args.port, served_model_name=args.served_model_name,

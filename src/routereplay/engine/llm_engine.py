@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import uuid
+from collections.abc import Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from routereplay.config import EngineConfig
-from routereplay.engine.model_runner import ModelRunner
+from routereplay.engine.model_runner import MEMORY_TAGS, ModelRunner
 from routereplay.engine.scheduler import Scheduler
 from routereplay.engine.sequence import Sequence, Status
 from routereplay.engine.workers import Workers
@@ -98,6 +99,9 @@ class LLMEngine:
     def validate(self, prompt_token_ids, params: SamplingParams) -> None:
         """Raise ValueError naming the field; nothing is queued."""
         mc, cfg = self.model_config, self.config
+        if self.runner.released:  # the caches or weights hold no memory: a forward would read freed storage
+            raise ValueError(f"memory is released ({', '.join(t for t in MEMORY_TAGS if t in self.runner.released)})"
+                             ": resume_memory first")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         params.validate(mc.vocab_size)
@@ -402,6 +406,54 @@ class LLMEngine:
         self.scheduler.blocks.cached.clear()
         for block in self.scheduler.blocks.blocks:
             block.hash, block.token_ids = None, ()
+
+    # ---- releasing GPU memory for a colocated trainer (SGLang's /release_memory_occupation) ----------
+    @property
+    def released(self) -> frozenset[str]:
+        """The memory tags (``MEMORY_TAGS``) released by ``release_memory`` and not resumed yet; while any is,
+        ``validate`` / ``add_request`` refuse requests."""
+        return self.runner.released
+
+    def _memory_tags(self, tags: Collection[str] | None, what: str) -> frozenset[str]:
+        if tags is None or (not isinstance(tags, str) and len(tags) == 0):  # SGLang: none or [] is all
+            tags = MEMORY_TAGS
+        elif isinstance(tags, str):
+            raise ValueError(f"{what}: tags must be a list of tags, got the string {tags!r}")
+        bad = [t for t in tags if t not in MEMORY_TAGS]
+        if bad:
+            raise ValueError(f"{what}: unknown tags {bad}; known: {', '.join(MEMORY_TAGS)}")
+        if self.config.tensor_parallel_size > 1:
+            raise NotImplementedError(f"{what} with tensor_parallel_size > 1 is not supported yet "
+                                      f"(tensor_parallel_size={self.config.tensor_parallel_size})")
+        return frozenset(tags)
+
+    def release_memory(self, tags: Collection[str] | None = None) -> None:
+        """Give the device memory of ``tags`` back (SGLang's ``/release_memory_occupation``), for a trainer on
+        the same GPU: "kv_cache" the KV and routing caches (their contents and the prefix cache are
+        dropped), "weights" the parameters and buffers (kept in host memory, pinned on CUDA, so
+        ``resume_memory`` alone restores them), "cuda_graph" the decode graphs' pool. The decode graphs go
+        with any tag (they hold the caches' and weights' addresses). ``None`` or ``[]``: every tag.
+        Idempotent: a tag released already is skipped. No request may be in flight (ValueError): pause and
+        abort them first. Until every tag is resumed, requests are refused (ValueError)."""
+        tags = self._memory_tags(tags, "release_memory")
+        if self.requests:
+            raise ValueError(f"release_memory: {len(self.requests)} requests are in flight: pause and abort them "
+                             "first")
+        if "kv_cache" in tags:
+            self.reset_prefix_cache()  # the cached blocks' contents are gone
+        self.runner.release_memory(tags)
+        log.info("released memory: %s", ", ".join(t for t in MEMORY_TAGS if t in self.released) or "none")
+
+    def resume_memory(self, tags: Collection[str] | None = None) -> None:
+        """Take back the memory ``release_memory`` gave (SGLang's ``/resume_memory_occupation``): the weights
+        as they were released (into the same Parameter objects, so weight-sync names stay valid), the caches
+        empty, with the same shapes. ``None`` or ``[]``: every tag. A tag not released is skipped. The decode
+        graphs are captured again once nothing is released. Weights may be updated once "weights" is
+        resumed, the caches still released (a trainer's order: weights, update_weights, then kv_cache)."""
+        tags = self._memory_tags(tags, "resume_memory")
+        self.runner.resume_memory(tags)
+        log.info("resumed memory; still released: %s",
+                 ", ".join(t for t in MEMORY_TAGS if t in self.released) or "none")
 
     def close(self, timeout: float | None = None) -> None:
         """Flush the routing store writer (waiting at most ``timeout`` seconds) and stop the TP workers."""

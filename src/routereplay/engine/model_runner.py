@@ -20,6 +20,9 @@ from routereplay.models.loader import check_update, in_chunks, load_checkpoint, 
 from routereplay.models.transformer import MoECausalLM
 from routereplay.sampling_params import SAMPLING_EPS
 
+# release_memory / resume_memory tags (SGLang's GPU_MEMORY_TYPE_*): the KV and routing caches, the model's
+# parameters and buffers, and the decode graphs' memory pool
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 CPU_CACHE_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
 # A tiny model on a large GPU would otherwise get tens of millions of blocks, and the block manager's
 # per-block bookkeeping would take minutes to build; 1M blocks are 16M cached tokens at block size 16.
@@ -104,7 +107,12 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_capture_seconds = 0.0
         graph_safe = all(getattr(layer.self_attn, "graph_safe", True) for layer in self.model.model.layers)
-        if self.device.type == "cuda" and not config.enforce_eager and graph_safe:
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and graph_safe
+        # release_memory: the MEMORY_TAGS whose memory is given back (replaced, never mutated: other threads
+        # may read it), and the weights' host copy
+        self.released: frozenset[str] = frozenset()
+        self._weight_backup: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
+        if self.use_graphs:
             self._capture_graphs()
 
     @torch.no_grad()
@@ -180,6 +188,127 @@ class ModelRunner:
             self.routing_cache = torch.zeros(
                 rows, mc.num_moe_layers, mc.top_k, dtype=c.cache_dtype, device=self.device
             )
+
+    # ---- releasing GPU memory for a colocated trainer ----------------------------------------------
+    def release_memory(self, tags) -> None:
+        """Give back the device memory of ``tags`` (of MEMORY_TAGS; ones released already are skipped). The
+        decode graphs go whatever the tags (they captured the caches' and weights' addresses); "kv_cache"
+        frees the KV and routing caches (contents dropped), "weights" the parameters and buffers (a host
+        copy kept, pinned on CUDA). Nothing may be in flight (the engine checks). Then the allocator's free
+        blocks go back to the device."""
+        tags = set(tags) - self.released
+        if not tags:
+            return
+        self._drop_graphs()  # a failure below leaves the graphs dropped: the next resume_memory captures them
+        self.released |= tags & {"cuda_graph"}
+        if "weights" in tags:
+            self._release_weights()
+            self.released |= {"weights"}
+        if "kv_cache" in tags:
+            self._free_caches()
+            self.released |= {"kv_cache"}
+        self._empty_device_cache()
+
+    def resume_memory(self, tags) -> None:
+        """Take back the memory of ``tags`` (ones not released are skipped): the weights from their host copy
+        into the same storages (the same Parameter objects), the caches reallocated with the same shapes
+        (routing rows zeroed, KV contents undefined). Once nothing is released, the decode graphs are
+        captured again, at the new addresses. A failed allocation (the device still full) raises and
+        leaves that tag released."""
+        tags = set(tags) & self.released
+        if "weights" in tags:
+            self._resume_weights()
+            self.released -= {"weights"}
+        if "kv_cache" in tags:
+            try:
+                self._allocate_caches()
+            except BaseException:
+                self._free_caches()
+                self._empty_device_cache()
+                raise
+            self.released -= {"kv_cache"}
+        self.released -= tags
+        if not self.released and self.use_graphs and not self.graphs:
+            try:
+                self._capture_graphs()
+            except BaseException:  # no half set of graphs: eager until a later resume_memory captures them
+                self._drop_graphs()
+                self._empty_device_cache()
+                raise
+
+    def _model_storages(self) -> list[torch.UntypedStorage]:
+        """Every storage behind the model's parameters and buffers, once each (tied weights share one)."""
+        seen: dict[int, torch.UntypedStorage] = {}
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                seen.setdefault(storage.data_ptr(), storage)
+        return list(seen.values())
+
+    def _release_weights(self) -> None:
+        """Copy each weight storage's bytes to the host, then resize the storage to 0 bytes: every
+        Parameter (and any view of it) stays the same object, holding no memory until resumed."""
+        cuda = self.device.type == "cuda"
+        backup = []
+        for storage in self._model_storages():
+            if not storage.resizable():
+                raise RuntimeError("release_memory: a weight storage cannot be resized (not allocated by torch)")
+            host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=cuda)
+            host.untyped_storage().copy_(storage, non_blocking=cuda)
+            backup.append((storage, host))
+        if cuda:
+            torch.cuda.synchronize(self.device)  # every copy landed before the device memory goes
+        for storage, _ in backup:
+            storage.resize_(0)
+        self._weight_backup = backup
+
+    def _resume_weights(self) -> None:
+        """Each weight storage back at its size, its bytes copied from the host; then the host copy goes."""
+        cuda = self.device.type == "cuda"
+        done, storage, host = [], None, None
+        try:
+            for storage, host in self._weight_backup:
+                storage.resize_(host.numel())
+                done.append(storage)
+                storage.copy_(host.untyped_storage(), non_blocking=cuda)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+        except BaseException:
+            for storage in done:  # all or nothing: the backup stays, the tag stays released
+                storage.resize_(0)
+            self._empty_device_cache()
+            raise
+        self._weight_backup = []
+        storage = host = None  # no pinned block left referenced here
+        if cuda:  # the pinned host copy goes back to the OS (the trainer may want the host memory too)
+            empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+            if empty_host_cache is not None:
+                empty_host_cache()
+            elif hasattr(torch._C, "_host_emptyCache"):  # older torch
+                torch._C._host_emptyCache()
+
+    def _free_caches(self) -> None:
+        """Drop the KV and routing caches: their storages shrink to 0 bytes (so no reference anywhere keeps
+        the memory) and the layers get the empty placeholder they start with."""
+        for layer in self.model.model.layers:
+            attn = layer.self_attn
+            for t in (attn.k_cache, attn.v_cache):
+                t.untyped_storage().resize_(0)
+            attn.k_cache = attn.v_cache = torch.tensor([])
+        if self.routing_cache is not None:
+            self.routing_cache.untyped_storage().resize_(0)
+        self.routing_cache = None
+
+    def _drop_graphs(self) -> None:
+        """Drop the decode graphs, their memory pool and their static inputs / outputs."""
+        self.release_graphs()
+        for name in ("g_ids", "g_pos", "g_slots", "g_lens", "g_tables", "g_out"):
+            self.__dict__.pop(name, None)
+
+    def _empty_device_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     # ---- one step -------------------------------------------------------------------------------
     def _context(self, positions, slots, cu, context_lens, tables, max_q, is_decode) -> Context:
@@ -345,6 +474,7 @@ class ModelRunner:
         return to_sample, tokens.tolist(), lps, tops, errors
 
     # ---- CUDA graphs for decode -----------------------------------------------------------------
+    @torch.no_grad()  # no autograd state kept alive in the graphs' pool
     def _capture_graphs(self) -> None:
         t0 = time.perf_counter()
         max_bs = min(self.config.max_num_seqs, 512)
@@ -412,6 +542,8 @@ class ModelRunner:
         return host, event
 
     def update_weights(self, named_tensors) -> int:
+        if "weights" in self.released:  # their storages hold no memory: nothing may be written to them
+            raise ValueError("update_weights: the weights are released: resume_memory (tags weights) first")
         items = list(named_tensors)
         if self.workers is None:
             return update_weights(self.model, items)

@@ -22,6 +22,9 @@ class ServerOptions:
     # tokenizing (a 10 MB prompt would hold a CPU for seconds to be refused anyway).
     max_chars_per_token: int = 32
     shutdown_timeout_s: float = 5.0  # on SIGTERM: requests still running then are failed, the store flushed
+    # What /server_info reports as SGLang's enable_memory_saver (slime checks it equals its offload_rollout);
+    # /release_memory_occupation works either way.
+    enable_memory_saver: bool = False
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key:

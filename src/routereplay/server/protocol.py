@@ -262,7 +262,7 @@ class MemoryBody(SGLangBody):
     """SGLang's ``/release_memory_occupation`` and ``/resume_memory_occupation``."""
 
     INERT: ClassVar[dict[str, tuple]] = _SGLANG_REQ
-    tags: list[Literal["kv_cache", "weights"]] | None = None  # None: both
+    tags: list[Literal["kv_cache", "weights", "cuda_graph"]] | None = None  # None or []: all (SGLang)
 
 
 # field -> the numeric value that means "off"

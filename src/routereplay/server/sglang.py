@@ -18,7 +18,15 @@ from routereplay.routing import encode, to_sglang
 from routereplay.sampling_params import WIRE_NAMES, SamplingParams, cut_at_stop
 from routereplay.server.engine_thread import Job
 from routereplay.server.frontend import Frontend, check_key, wire_param
-from routereplay.server.protocol import ANY, SGLANG_SAMPLING_INERT, AbortBody, ApiError, GenerateBody, PauseBody
+from routereplay.server.protocol import (
+    ANY,
+    SGLANG_SAMPLING_INERT,
+    AbortBody,
+    ApiError,
+    GenerateBody,
+    MemoryBody,
+    PauseBody,
+)
 
 SGLANG_SAMPLING = {w.sglang: w.field for w in WIRE_NAMES if w.sglang}  # sampling_params key -> field
 _DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's
@@ -159,8 +167,8 @@ class SGLang:
         is generated, stored nowhere."""
         front = self.front
         front.check_alive()
-        if front.thread.paused:
-            return {"status": "ok", "checked": "paused"}
+        if front.thread.paused or front.engine.released:  # a weight sync, or a colocated trainer's step
+            return {"status": "ok", "checked": "paused" if front.thread.paused else "memory released"}
         if front.thread.snapshot["running"] and time.monotonic() - front.thread.last_step < 1.0:
             return {"status": "ok", "checked": "recent step"}
         params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=False, return_routed_experts=False,
@@ -212,6 +220,22 @@ class SGLang:
             raise ApiError(503, error, type="server_error")
         return {"success": True, "aborted": count}
 
+    # -- memory, for a trainer on the same GPU
+    async def release_memory_occupation(self, body: MemoryBody) -> None:
+        """SGLang's /release_memory_occupation (slime, verl: before a colocated trainer's step): free the GPU
+        memory of ``tags`` (none or []: all). 400 while requests are in flight: /pause_generation first."""
+        return await self._memory(lambda engine: engine.release_memory(body.tags), "release_memory_occupation")
+
+    async def resume_memory_occupation(self, body: MemoryBody) -> None:
+        """SGLang's /resume_memory_occupation: take back what was released (the weights as they were)."""
+        return await self._memory(lambda engine: engine.resume_memory(body.tags), "resume_memory_occupation")
+
+    async def _memory(self, fn, what: str) -> None:
+        _, error = await self.front.on_engine_thread(fn)
+        if error is not None:
+            raise ApiError(400, f"{what}: {error}", "tags")
+        return None  # SGLang answers JSON null, 200
+
     # -- discovery
     def server_info(self) -> dict[str, Any]:
         """SGLang's /server_info (and /get_server_info): the fields slime's external-engine mode and
@@ -227,7 +251,7 @@ class SGLang:
             "max_running_requests": cfg.max_num_seqs, "max_prefill_tokens": cfg.max_num_batched_tokens,
             "max_total_tokens": stats["total_kv_blocks"] * cfg.block_size, "page_size": cfg.block_size,
             "enable_return_routed_experts": cfg.routing_replay.enable,
-            "enable_memory_saver": False, "disaggregation_mode": "null", "load_balance_method": "round_robin",
+            "enable_memory_saver": front.options.enable_memory_saver, "disaggregation_mode": "null", "load_balance_method": "round_robin",
             "encoder_only": False, "weight_version": front.weight_version, "version": _version(),
             "internal_states": [{"num_running_reqs": stats["running"], "num_waiting_reqs": stats["waiting"]}],
         }
