@@ -23,7 +23,7 @@ import transformers
 
 from benchmarks.throughput import QWEN3_30B_A3B
 from routereplay import LLM
-from routereplay.weight_sync import make_group, receive_weights
+from routereplay.weight_sync import make_group
 
 TINY = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_experts=64,
             num_experts_per_tok=8, moe_intermediate_size=256, intermediate_size=1024, vocab_size=8192,
@@ -56,7 +56,7 @@ def from_trainer(args: argparse.Namespace, config: dict, dtype: torch.dtype, pat
     seconds = []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        receive_weights(llm.engine, group, names, dtypes, shapes)
+        llm.engine.receive_weights(group, names, dtypes, shapes)
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from routereplay.config import EngineConfig
+from routereplay.engine import weight_group
 from routereplay.engine.model_runner import MEMORY_TAGS, ModelRunner
 from routereplay.engine.scheduler import Scheduler
 from routereplay.engine.sequence import Sequence, Status
@@ -394,6 +395,30 @@ class LLMEngine:
         """``update_weights`` from a checkpoint directory (safetensors, transformers or checkpoint names);
         every name and shape is checked before anything is written."""
         return self.update_weights(checkpoint_tensors(model_dir))
+
+    # ---- weight sync from a trainer's process group (SGLang's layout; engine/weight_group.py) -------------
+    def join_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                          group_name: str = "weight_update_group", backend: str = "nccl",
+                          timeout_s: float = weight_group.DEFAULT_TIMEOUT_S) -> weight_group.WeightGroup:
+        """Every tensor-parallel rank joins the trainer's group as ``rank_offset + tp_rank``; blocks until it
+        has formed (at most ``timeout_s``). ValueError before any rendezvous when ``world_size`` has no room,
+        WeightGroupError when it did not form. Under tensor parallelism, call it between two steps."""
+        return weight_group.join_weight_group(self, master_address, master_port, rank_offset, world_size,
+                                              group_name, backend, timeout_s)
+
+    def check_weight_group(self, rank_offset: int, world_size: int, backend: str = "nccl",
+                           timeout_s: float = weight_group.DEFAULT_TIMEOUT_S) -> None:
+        """ValueError unless every tensor-parallel rank fits in ``[rank_offset, world_size)``."""
+        weight_group.check_weight_group(self, rank_offset, world_size, backend, timeout_s)
+
+    def receive_weights(self, group: weight_group.WeightGroup, names: list[str], dtypes: list[torch.dtype],
+                        shapes: list[list[int]]) -> int:
+        """Receive the trainer's broadcasts (``names`` order) into the weights; a wrong name or shape: every
+        broadcast still received and discarded, then ValueError, nothing written."""
+        return weight_group.receive_weights(self, group, names, dtypes, shapes)
+
+    def leave_weight_group(self, group: weight_group.WeightGroup) -> None:
+        weight_group.leave_weight_group(self, group)
 
     def update_weights(self, named_tensors) -> int:
         """In-place weight sync; cached prefixes were computed with the old weights, so drop them."""

@@ -3,7 +3,8 @@
 Rank 0 schedules, samples and records routing; every step it broadcasts the step's host-side
 inputs (`StepInputs`) on a gloo control group, and all ranks run the same forward, whose
 all-reduces go over NCCL on GPUs (gloo on CPU). The processes are daemons: they cannot outlive the
-engine's process.
+engine's process. ``Workers.run_everywhere`` runs a function on every rank at once (a weight-sync
+group's join and receive: each rank a member of the trainer's group).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from routereplay.config import EngineConfig
 from routereplay.layers.parallel import TP
 
 _TIMEOUT = timedelta(seconds=120)
+# The control group waits for rank 0's next message however long the engine idles (a trainer's step
+# between two rollouts takes minutes): with _TIMEOUT a worker died after 120 idle seconds. A worker that
+# died is still seen at once (rank 0's send fails), and the forward's collectives keep _TIMEOUT.
+_IDLE_TIMEOUT = timedelta(days=365)
 
 
 def _init(rank: int, size: int, rendezvous: str, cuda: bool):
@@ -34,7 +39,7 @@ def _init(rank: int, size: int, rendezvous: str, cuda: bool):
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}",
                             rank=rank, world_size=size, timeout=_TIMEOUT)
-    return dist.new_group(backend="gloo", timeout=_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
 
 
 def _worker_main(kwargs: dict, rank: int, size: int, rendezvous: str, ready) -> None:
@@ -54,6 +59,13 @@ def _worker_main(kwargs: dict, rank: int, size: int, rendezvous: str, ready) -> 
             runner.execute(payload)
         elif command == "update_weights":
             runner.sync_weights([name for name, _, _ in payload], [(shape, dtype) for _, shape, dtype in payload])
+        elif command == "call":  # Workers.run_everywhere
+            fn, args = payload
+            try:
+                outcome = (fn(runner, *args), None)
+            except Exception as e:
+                outcome = (None, f"{type(e).__name__}: {e}")
+            dist.all_gather_object([None] * size, outcome, group=ctrl)
         else:
             break
     runner.release_graphs()
@@ -106,6 +118,21 @@ class Workers:
             if not gone:
                 raise
             raise RuntimeError(f"tensor-parallel worker(s) gone (rank: exit code) {gone}; close this LLM") from e
+
+    def run_everywhere(self, fn, *args, local) -> list[tuple[object, str | None]]:
+        """``fn(runner, *args)`` on every worker (a module-level function: it is pickled by name) while
+        rank 0 runs ``local()`` here, at the same time; then each rank's outcome, in rank order:
+        (result, None) or (None, "ErrorType: message"). Rank 0's result stays here (it need not pickle);
+        the workers' results must pickle. An exception of ``fn`` is reported, the worker lives on."""
+        self.send(("call", (fn, args)))
+        try:
+            mine: tuple[object, str | None] = (local(), None)
+        except Exception as e:
+            mine = (None, f"{type(e).__name__}: {e}")
+        outcomes: list = [None] * (len(self.procs) + 1)
+        dist.all_gather_object(outcomes, (None, mine[1]), group=self.ctrl)
+        outcomes[0] = mine
+        return outcomes
 
     def close(self, graceful: bool = True) -> None:
         if graceful and dist.is_initialized():

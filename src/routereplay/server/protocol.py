@@ -213,8 +213,8 @@ class ContinueBody(SGLangBody):
 
 
 class WeightGroupBody(SGLangBody):
-    """SGLang's ``/init_weights_update_group``: this server's ranks join as ``rank_offset + tp_rank``; the
-    trainer is rank 0 and hosts the rendezvous."""
+    """SGLang's ``/init_weights_update_group``: this server's ranks join as ``rank_offset + tp_rank`` (world_size
+    counts them all); the trainer is rank 0 and hosts the rendezvous."""
 
     INERT: ClassVar[dict[str, tuple]] = _SGLANG_REQ
     master_address: str

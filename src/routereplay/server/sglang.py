@@ -73,7 +73,8 @@ class SGLang:
         if body.stream:
             raise ApiError(400, "stream is not supported on /generate: use /v1/completions", "stream")
         if (body.text is None) == (body.input_ids is None):
-            raise ApiError(400, "give exactly one of text and input_ids", "text")
+            raise ApiError(400, "give exactly one of text and input_ids",
+                           "text" if body.text is not None else "input_ids")
         field = "text" if body.text is not None else "input_ids"
         if body.text is not None:
             batch = isinstance(body.text, list)
@@ -251,7 +252,8 @@ class SGLang:
             "max_running_requests": cfg.max_num_seqs, "max_prefill_tokens": cfg.max_num_batched_tokens,
             "max_total_tokens": stats["total_kv_blocks"] * cfg.block_size, "page_size": cfg.block_size,
             "enable_return_routed_experts": cfg.routing_replay.enable,
-            "enable_memory_saver": front.options.enable_memory_saver, "disaggregation_mode": "null", "load_balance_method": "round_robin",
+            "enable_memory_saver": front.options.enable_memory_saver, "disaggregation_mode": "null",
+            "load_balance_method": "round_robin",
             "encoder_only": False, "weight_version": front.weight_version, "version": _version(),
             "internal_states": [{"num_running_reqs": stats["running"], "num_waiting_reqs": stats["waiting"]}],
         }

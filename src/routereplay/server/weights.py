@@ -16,7 +16,7 @@ from routereplay.server.protocol import (
     UpdateWeightsBody,
     WeightGroupBody,
 )
-from routereplay.weight_sync import make_group, parse_dtype, receive_weights
+from routereplay.weight_sync import parse_dtype
 
 
 class Weights:
@@ -66,14 +66,29 @@ class Weights:
             raise ApiError(400, "backend nccl needs an engine on CUDA; use gloo", "backend")
         if not 0 < body.rank_offset < body.world_size:
             raise ApiError(400, f"rank_offset must be in [1, world_size), got {body.rank_offset}", "rank_offset")
+        timeout_s = front.options.weight_group_timeout_s
         try:
-            group = await asyncio.to_thread(make_group, body.master_address, body.master_port, body.rank_offset,
-                                            body.world_size, body.group_name, body.backend,
-                                            timeout_s=front.options.weight_group_timeout_s)
-        except Exception as e:
-            raise ApiError(400, f"init_weights_update_group: {type(e).__name__}: {e}", "master_address") from None
+            front.engine.check_weight_group(body.rank_offset, body.world_size, body.backend, timeout_s)
+        except ValueError as e:
+            raise ApiError(400, f"init_weights_update_group: {e}", "world_size") from None
+
+        def join(engine):
+            return engine.join_weight_group(body.master_address, body.master_port, body.rank_offset,
+                                            body.world_size, body.group_name, body.backend, timeout_s)
+
+        tp = front.engine.config.tensor_parallel_size
+        if tp == 1:  # no worker to tell: join off the engine thread, which keeps stepping
+            try:
+                group, error = await asyncio.to_thread(join, front.engine), None
+            except Exception as e:
+                group, error = None, f"{type(e).__name__}: {e}"
+        else:  # the workers are told through their control group, between two steps (as SGLang)
+            group, error = await front.on_engine_thread(join)
+        if error is not None:
+            raise ApiError(400, f"init_weights_update_group: {error}", "master_address")
         self.groups[body.group_name] = group
-        return {"success": True, "message": f"joined {body.group_name!r} as rank {body.rank_offset}"}
+        ranks = f"rank {body.rank_offset}" if tp == 1 else f"ranks {body.rank_offset}..{body.rank_offset + tp - 1}"
+        return {"success": True, "message": f"joined {body.group_name!r} as {ranks}"}
 
     async def update_weights_from_distributed(self, body: DistributedWeightsBody) -> dict[str, Any]:
         """Receive the trainer's broadcasts; a wrong name or shape is a 400 after every broadcast was received
@@ -93,7 +108,7 @@ class Weights:
         if body.abort_all_requests:
             await self._abort_all()
         count, error = await front.on_engine_thread(
-            lambda engine: receive_weights(engine, group, body.names, dtypes, body.shapes))
+            lambda engine: engine.receive_weights(group, body.names, dtypes, body.shapes))
         if error is not None:
             raise ApiError(400, f"update_weights_from_distributed: {error}", "names")
         return self._updated(count, body.weight_version)
@@ -102,5 +117,10 @@ class Weights:
         group = self.groups.pop(body.group_name, None)
         if group is None:
             raise ApiError(400, f"group_name {body.group_name!r}: no such group", "group_name")
-        group.shutdown()
+        if group.tp_size == 1:
+            self.front.engine.leave_weight_group(group)
+        else:  # the workers leave too, told between two steps
+            _, error = await self.front.on_engine_thread(lambda engine: engine.leave_weight_group(group))
+            if error is not None:
+                raise ApiError(503, f"destroy_weights_update_group: {error}", type="server_error")
         return {"success": True, "message": f"left {body.group_name!r}"}
