@@ -358,3 +358,42 @@ def test_api_key_weight_dirs_and_a_fast_shutdown(ckpt: str, tmp_path: Path) -> N
         assert rc in (0, -15), srv.log()[-2000:]
     finally:
         srv.stop()
+
+
+# every field at its type's limits: no answer is a 5xx, none carries NaN, a 4xx names a field of the body
+LIMIT_VALUES = [2**63, -(2**63) - 1, 10**30, 1e-45, 1e300, -1, 0, "x", "\ud800", True, None, [], {}, [1, "a"],
+                float("nan"), float("inf")]
+CMP_FIELDS = ["n", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+              "include_stop_str_in_output", "skip_special_tokens", "min_tokens", "presence_penalty",
+              "frequency_penalty", "repetition_penalty", "logprobs", "echo", "stream", "stream_options",
+              "return_routed_experts", "routed_experts_start", "rollout_id", "store_routing", "user", "prompt",
+              "model", "suffix", "best_of", "logit_bias"]
+GEN_FIELDS = ["text", "input_ids", "rid", "return_logprob", "top_logprobs_num", "return_routed_experts",
+              "routed_experts_start_len", "routed_experts_compact", "stream", "log_metrics", "lora_path",
+              "sampling_params"]
+GEN_SAMPLING = ["max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids", "ignore_eos",
+                "no_stop_trim", "skip_special_tokens", "sampling_seed", "min_new_tokens", "presence_penalty",
+                "frequency_penalty", "repetition_penalty", "min_p", "custom_params"]
+
+
+def test_every_field_at_its_limits_gets_no_5xx(hard: Server) -> None:
+    cases = [(CMP, {**GOOD, f: v}) for f in CMP_FIELDS for v in LIMIT_VALUES]
+    gen = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}
+    cases += [(GEN, {**gen, f: v}) for f in GEN_FIELDS for v in LIMIT_VALUES]
+    cases += [(GEN, {**gen, "sampling_params": {"max_new_tokens": 2, k: v}}) for k in GEN_SAMPLING
+              for v in LIMIT_VALUES]
+    cases += [(CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, f: v})
+              for f in ("messages", "max_completion_tokens", "top_logprobs", "logprobs", "n") for v in LIMIT_VALUES]
+    bad = []
+    for path, body in cases:
+        # NaN / inf go out as the JSON literals clients such as Python's json send
+        r = hard.post(path, content=json.dumps(body).encode())
+        if r.status_code >= 500 or "NaN" in r.text or "Infinity" in r.text:
+            bad.append((path, body, r.status_code, r.text[:200]))
+        elif r.status_code >= 400:
+            param = r.json()["error"]["param"] or ""
+            top = param.split(".")[0].split("[")[0]
+            if top not in body and top != "body":
+                bad.append((path, body, r.status_code, f"param {param!r} is not a field of the body"))
+    assert not bad, bad[:10]
+    assert hard.post(CMP, GOOD).status_code == 200

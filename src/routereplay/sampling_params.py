@@ -13,6 +13,8 @@ MAX_N = 128  # OpenAI's limit on samples per prompt
 SAMPLING_EPS = 1e-5
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Logits (|x| < ~1e3 in practice) divided or multiplied by a penalty in this range stay far inside float32.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 
 
 @dataclass(slots=True)
@@ -88,11 +90,11 @@ class SamplingParams:
              "must be in [-2, 2]"),
             ("frequency_penalty", lambda: _real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "must be in [-2, 2]"),
-            # Tiny values that scale logits past float32's range are left to the runner: the request fails alone
-            # with a non-finite-distribution error (ModelRunner.run), as any other overflow would.
-            ("repetition_penalty", lambda: (_real(self.repetition_penalty) and self.repetition_penalty > 0
-                                            and np.float32(self.repetition_penalty) > 0),
-             "must be > 0, not 0 in float32, and finite in float32"),
+            # Logits divided (or multiplied) by it must stay finite in float32: a denormal penalty made them inf.
+            ("repetition_penalty", lambda: (_real(self.repetition_penalty)
+                                            and REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty
+                                            <= REPETITION_PENALTY_RANGE[1]),
+             f"must be in [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}]"),
             ("seed", lambda: self.seed is None or _int(self.seed), "must be a 64-bit integer or None"),
             ("stop_token_ids", lambda: isinstance(self.stop_token_ids, list)
              and all(_int(t, 0, vocab_size - 1) for t in self.stop_token_ids),
