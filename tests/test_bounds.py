@@ -9,7 +9,6 @@ import pytest
 from routereplay import LLM, SamplingParams
 from routereplay.config import EngineConfig
 from routereplay.sampling_params import MAX_N
-from routereplay.server.protocol import engine_param
 from routereplay.store.local import LocalStore
 from tests.helpers import tiny_checkpoint
 
@@ -81,6 +80,8 @@ def test_bad_value_names_the_field_and_queues_nothing(llm, bad, field):
     sp = SamplingParams(**{"temperature": 0, "max_tokens": 4, **bad})
     with pytest.raises(ValueError, match=rf"^request 1: {field}\b") as e:
         generate(llm, [GOOD, GOOD], [GREEDY, sp])
+    from routereplay.server.protocol import engine_param  # here: the GPU machine has no fastapi
+
     assert engine_param(str(e.value).removeprefix("request 1: "), "prompt") == field  # the server's 400 field
     assert not llm.engine.requests and not llm.engine.scheduler.waiting and not llm.engine.scheduler.running
     assert len(generate(llm, [GOOD], GREEDY)[0].outputs[0].token_ids) == 8
