@@ -365,8 +365,17 @@ def test_gradient_checkpointing_recomputes_with_replayed_experts() -> None:
     for got, want in zip(_router_grads(model, rr), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
-    with pytest.warns(UserWarning, match="backward did not run inside"), rr.replay(routing):
-        model(ids, use_cache=False)  # a backward after the context would recompute with native routing
+    # Backward after the context exited: the recompute still replays (the routing travels with the graph).
+    model.zero_grad()
+    with expert_calls(model, rr) as calls:
+        with rr.replay(routing):
+            loss = model(ids, use_cache=False).logits.pow(2).mean()
+        loss.backward()
+    for layer, layer_calls in enumerate(calls):
+        assert len(layer_calls) == 2
+        assert all(torch.equal(index, flat(routing, layer)) for index, _ in layer_calls)
+    for got, want in zip(_router_grads(model, rr), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -2,111 +2,71 @@
 
 Each supported family has a router module whose forward returns
 ``(router_logits, topk_weights, topk_indices)`` for hidden states flattened to ``[B*T, H]``
-(transformers >= 5.17). While a ``replay`` or ``record`` context is open, every router's forward
-is replaced on the instance by a wrapper that runs the native router (so the dense logits are
-computed exactly as the model computes them, gradients included) and then either keeps the
-native selection (record) or swaps in the replayed expert ids and recomputes the gate weights
-from the dense scores with the family's own normalisation and scaling (replay). The original
-forward is restored when the context exits.
+(transformers >= 5.17). ``RoutingReplay(model)`` finds the routers (through DDP, FSDP2,
+``torch.compile``, PEFT and checkpoint wrappers, see ``discover``) and installs hooks that stay until
+``close()``:
+
+- a forward pre-hook on the decoder stack's module (the parent of ``layers``) starts a *step* for each
+  forward and passes it to every decoder layer as the keyword argument ``routereplay_step``;
+- pre-hooks inside each decoder layer take the step out of the keyword arguments (before attention
+  sees them) and hand it to that layer's router;
+- a forward hook on each router lets the native router run (so the dense logits, gradients included,
+  are computed exactly as the model computes them), then keeps its selection (record, native) or
+  replaces it by the replayed ids, recomputing the gate weights from the dense scores with the
+  family's own normalisation and scaling (replay).
+
+**How the routing survives until backward.** The step is an argument of the decoder layer's call, and
+gradient checkpointing (transformers' own, reentrant or not, ``checkpoint_wrapper``, DeepSpeed) saves
+a layer's arguments to re-run it in backward. A recompute therefore receives the very step of the
+forward it recomputes, with that forward's routing, whenever backward runs: inside the context,
+after it exited, or while another context is open. A router called a second time for the same step
+is a recompute: it replays (or, recording, is not recorded again). No global "in backward" flag is
+read. Checkpointing must be at the decoder layer or below the decoder stack (every wrapper above
+checkpoints layers); a checkpoint around the whole model re-runs the stack's hook and is not
+supported.
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
+import inspect
 import warnings
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from routereplay.replay.align import RoutingLike, as_integer_tensor, find_invalid_row
+from routereplay.replay.discover import FoundRouters, find_routers
+from routereplay.replay.families import SUPPORTED_FAMILIES
+from routereplay.replay.report import ReplayReport
 
-GateWeights = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
-"""(router, dense logits [N, E], expert ids [N, K], hidden dtype) -> gate weights [N, K]."""
+__all__ = ["SUPPORTED_FAMILIES", "ReplayReport", "RoutingRecord", "RoutingReplay", "STEP_KWARG"]
 
+STEP_KWARG = "routereplay_step"
+"""Keyword argument that carries a forward's step from the decoder stack to its decoder layers."""
 
-def _softmax_gates(
-    router: nn.Module, logits: torch.Tensor, ids: torch.Tensor, _: torch.dtype
-) -> torch.Tensor:
-    """Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over all experts, optionally renormalised over the chosen."""
-    gates = F.softmax(logits, dim=-1, dtype=torch.float).gather(1, ids)
-    if router.norm_topk_prob:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-    return gates.to(logits.dtype)
-
-
-def _mixtral_gates(_: nn.Module, logits: torch.Tensor, ids: torch.Tensor, __: torch.dtype) -> torch.Tensor:
-    """Mixtral: softmax over all experts, always renormalised over the chosen, kept in fp32."""
-    gates = F.softmax(logits.float(), dim=-1).gather(1, ids)
-    return gates / gates.sum(dim=-1, keepdim=True)
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[RoutingReplay]] = weakref.WeakKeyDictionary()
+"""Decoder stack -> the RoutingReplay whose hooks it carries (not a module attribute: deepcopy would copy it)."""
+_HOOK_MARK = "_routereplay_hook_of"
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+_HOOK_ID_SETS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
-def _ernie_gates(
-    router: nn.Module, logits: torch.Tensor, ids: torch.Tensor, hidden_dtype: torch.dtype
-) -> torch.Tensor:
-    """ERNIE-4.5-MoE: fp32 softmax, renormalised with the sum clamped to ``moe_norm_min``.
-
-    The correction bias (``moe_statics``) only affects which experts are selected, so it has no
-    part here.
-    """
-    gates = F.softmax(logits.float(), dim=1, dtype=torch.float).gather(1, ids)
-    gates = gates / torch.clamp(gates.sum(dim=-1, keepdim=True), min=router.norm_min)
-    return gates.to(hidden_dtype)
-
-
-def _grouped_sigmoid_gates(
-    router: nn.Module, logits: torch.Tensor, ids: torch.Tensor, _: torch.dtype
-) -> torch.Tensor:
-    """GLM-4-MoE, DeepSeek-V3: sigmoid scores, optional renormalisation, routed_scaling_factor.
-
-    Group-limited selection and ``e_score_correction_bias`` only decide the native choice; the
-    replayed ids replace that choice, and the weights use the unbiased sigmoid scores.
-    """
-    gates = logits.sigmoid().gather(1, ids)
-    if router.norm_topk_prob:
-        gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
-    return gates * router.routed_scaling_factor
-
-
-def _gpt_oss_gates(_: nn.Module, logits: torch.Tensor, ids: torch.Tensor, __: torch.dtype) -> torch.Tensor:
-    """GPT-OSS: softmax over the chosen experts' logits only (router bias included in the logits)."""
-    return F.softmax(logits.gather(1, ids), dim=1, dtype=logits.dtype)
-
-
-@dataclass(frozen=True)
-class _Family:
-    name: str
-    router_class: str
-    gate_weights: GateWeights
-
-
-_FAMILIES = (
-    _Family("qwen3_moe", "Qwen3MoeTopKRouter", _softmax_gates),
-    _Family("qwen2_moe", "Qwen2MoeTopKRouter", _softmax_gates),
-    _Family("olmoe", "OlmoeTopKRouter", _softmax_gates),
-    _Family("mixtral", "MixtralTopKRouter", _mixtral_gates),
-    _Family("ernie4_5_moe", "Ernie4_5_MoeTopKRouter", _ernie_gates),
-    _Family("glm4_moe", "Glm4MoeTopkRouter", _grouped_sigmoid_gates),
-    _Family("deepseek_v3", "DeepseekV3TopkRouter", _grouped_sigmoid_gates),
-    _Family("gpt_oss", "GptOssTopKRouter", _gpt_oss_gates),
-)
-_FAMILY_BY_ROUTER_CLASS = {family.router_class: family for family in _FAMILIES}
-SUPPORTED_FAMILIES: tuple[str, ...] = tuple(family.name for family in _FAMILIES)
-"""transformers ``model_type`` values whose routers RoutingReplay can patch."""
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass, i.e. when a checkpointed layer is recomputed.
-
-    torch has no public flag for this; the engine's thread-local graph task id is -1 outside backward.
-    """
-    return torch._C._current_graph_task_id() != -1
+def _remove_foreign_hooks(model: nn.Module, owner: object) -> None:
+    """Drop hooks another RoutingReplay left on ``model``'s modules: copied by ``copy.deepcopy`` (a
+    reference model copied after RoutingReplay was built), or left by an instance built earlier."""
+    for module in model.modules():
+        for dict_name in _HOOK_DICTS:
+            hooks = module.__dict__.get(dict_name, {})
+            for key in [key for key, fn in hooks.items() if getattr(fn, _HOOK_MARK, owner) is not owner]:
+                del hooks[key]
+                for set_name in _HOOK_ID_SETS:
+                    module.__dict__.get(set_name, {}).pop(key, None)
 
 
 class RoutingRecord:
@@ -115,24 +75,22 @@ class RoutingRecord:
     Recomputations of checkpointed layers during backward are not recorded again.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self._num_layers = num_layers
-        self._forwards: list[list[torch.Tensor | None]] = []
-
-    def _add(self, layer: int, ids: torch.Tensor) -> None:
-        if not self._forwards or self._forwards[-1][layer] is not None:
-            self._forwards.append([None] * self._num_layers)
-        self._forwards[-1][layer] = ids
+    def __init__(self, session: _Session) -> None:
+        self._session = session
 
     @property
     def routings(self) -> list[torch.Tensor]:
         """Routing of each recorded forward, ``[B, T, L, K]`` int64 on the routers' device."""
         stacked = []
-        for index, layers in enumerate(self._forwards):
-            missing = [layer for layer, ids in enumerate(layers) if ids is None]
+        for index, step in enumerate(self._session.steps):
+            missing = [layer for layer, ids in enumerate(step.recorded) if ids is None]
             if missing:
                 raise ValueError(f"forward {index} did not reach MoE layers {missing}")
-            stacked.append(torch.stack(layers, dim=2))  # type: ignore[arg-type]
+            if step.batch_shape is None:
+                raise ValueError(f"forward {index}: cannot tell its [B, T] (no input_ids or inputs_embeds)")
+            batch, seq = step.batch_shape
+            layers = [ids.reshape(batch, seq, -1) for ids in step.recorded]  # type: ignore[union-attr]
+            stacked.append(torch.stack(layers, dim=2))
         return stacked
 
     @property
@@ -144,18 +102,41 @@ class RoutingRecord:
         return routings[0]
 
 
-class _Replay:
-    """State of one ``RoutingReplay.replay()`` context: the validated routing, on the routers' device."""
+class _Session:
+    """One ``replay()`` / ``record()`` context: the validated routing and the steps run under it."""
 
     def __init__(
         self,
-        replay: RoutingReplay,
-        routing: RoutingLike,
-        mask: RoutingLike | None,
-        device: torch.device,
+        rr: RoutingReplay,
+        mode: Literal["replay", "record"],
+        routing: RoutingLike | None = None,
+        mask: RoutingLike | None = None,
+        strict: bool = True,
+        keep_aux: bool = False,
     ) -> None:
+        self.mode = mode
+        self.strict = strict
+        self.keep_aux = keep_aux
+        self.num_layers = len(rr.moe_layer_ids)
+        self.num_experts = rr.num_experts
+        self.moe_layer_ids = rr.moe_layer_ids
+        self.gate_weights = rr._gate_weights
+        # Steps form a linked list from a sentinel: appending reads only the tail (a _Step however many
+        # forwards ran) and writes two attributes, so torch.compile does not recompile per forward (a
+        # list would be guarded on its length).
+        self._head = _Step(None, self.num_layers, None)
+        self._tail = self._head
+        self.where = ""
+        self.routing: torch.Tensor | None = None
+        self.flat_mask: torch.Tensor | None = None
+        self.tokens = self.tokens_replayed = 0
+        if mode == "replay":
+            assert routing is not None
+            self._validate(rr, routing, mask)
+
+    def _validate(self, rr: RoutingReplay, routing: RoutingLike, mask: RoutingLike | None) -> None:
         ids = as_integer_tensor(routing, "routing")
-        layers, k = len(replay.moe_layer_ids), replay.top_k
+        layers, k = len(rr.moe_layer_ids), rr.top_k
         if ids.dim() != 4:
             raise ValueError(f"routing must be [B, T, L, K], got shape {tuple(ids.shape)}")
         batch, seq = ids.shape[:2]
@@ -163,6 +144,7 @@ class _Replay:
             raise ValueError(f"routing has {ids.shape[2]} MoE layers, the model has {layers}")
         if ids.shape[3] != k:
             raise ValueError(f"routing has K={ids.shape[3]} experts per row, the model uses top-{k}")
+        device = rr._device()
         ids = ids.to(device, non_blocking=True)
         mask_on_device = None
         if mask is not None:
@@ -174,183 +156,361 @@ class _Replay:
             if mask_tensor.is_floating_point():
                 raise ValueError(f"mask dtype {mask_tensor.dtype} must be bool")
             mask_on_device = mask_tensor.to(device=device, dtype=torch.bool)
-        invalid = find_invalid_row(ids, mask_on_device, replay.num_experts)
+        invalid = find_invalid_row(ids, mask_on_device, rr.num_experts)
         if invalid is not None:
             b, t, layer, reason = invalid
             raise ValueError(f"sample {b}, position {t}, MoE layer {layer}: {reason}")
-        self.batch_shape = (batch, seq)
-        # One copy in the compact dtype, laid out so that each layer's ids are a contiguous [B*T, K].
-        self.ids_by_layer = ids.permute(2, 0, 1, 3).reshape(layers, batch * seq, k).contiguous()
+        # [B, T, L, K] kept as given (compact dtype); each layer's ids are read as a [B*T, K] view.
+        self.routing = ids
         self.flat_mask = None if mask_on_device is None else mask_on_device.reshape(-1, 1)
-        self.checkpointed_forwards = 0
-        self.recomputed_forwards = 0
+        self.tokens = batch * seq
+        self.tokens_replayed = self.tokens if mask_on_device is None else int(mask_on_device.sum())
+
+    @property
+    def steps(self) -> list[_Step]:
+        steps, step = [], self._head.next
+        while step is not None:
+            steps.append(step)
+            step = step.next
+        return steps
+
+    def add_step(self, step: _Step) -> None:
+        self._tail.next = step
+        self._tail = step
+
+    def check_batch(self, batch_shape: tuple[int, int] | None) -> None:
+        """Refuse a forward whose batch is not the routing's ``[B, T]`` (replay)."""
+        if self.routing is None or batch_shape is None:
+            return
+        routing_shape = (self.routing.shape[0], self.routing.shape[1])
+        if batch_shape != routing_shape:
+            raise ValueError(_shape_mismatch(routing_shape, batch_shape))
+
+    def finish_step(self, step: _Step) -> None:
+        """After a forward: every MoE layer must have been reached (replay)."""
+        if self.mode != "replay":
+            return
+        missing = [self.moe_layer_ids[i] for i, calls in enumerate(step.calls) if not calls]
+        if missing:
+            self.problem(
+                f"a forward under rr.replay() did not reach the routers of model layers {missing} "
+                f"(MoE layers {self.moe_layer_ids}); those layers routed natively. Was the model wrapped or "
+                "its routers replaced after RoutingReplay was built? Build RoutingReplay on the model as it "
+                "is trained (after get_peft_model / fully_shard / torch.compile)"
+            )
+
+    def problem(self, message: str) -> None:
+        if self.strict:
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=4)
+
+
+class _Step:
+    """One forward of the model. Travels as the ``routereplay_step`` keyword argument of every decoder
+    layer, so a checkpointed layer's recompute finds the routing of the forward it recomputes."""
+
+    def __init__(self, session: _Session | None, num_layers: int, batch_shape: tuple[int, int] | None) -> None:
+        self.session = session
+        self.batch_shape = batch_shape
+        self.calls = [0] * num_layers  # router calls per MoE layer: 1 = the forward, more = recomputes
+        self.recorded: list[torch.Tensor | None] = [None] * num_layers
+        self.aux: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.next: _Step | None = None
+
+
+def _shape_mismatch(routing_shape: tuple[int, int], batch_shape: tuple[int, int]) -> str:
+    (routing_batch, routing_seq), (batch, seq) = routing_shape, batch_shape
+    if routing_batch < batch:
+        return (
+            f"sample {routing_batch}, position 0, MoE layer 0: routing is shorter than the batch "
+            f"({routing_batch} samples for a batch of {batch})"
+        )
+    if routing_seq < seq:
+        return (
+            f"sample 0, position {routing_seq}, MoE layer 0: routing is shorter than the batch "
+            f"({routing_seq} positions for a batch of length {seq})"
+        )
+    return f"routing covers [B, T] = {routing_shape} but the batch is {batch_shape}"
+
+
+def _takes_keywords(module: nn.Module) -> bool:
+    """Whether the module's forward accepts ``**kwargs`` (so the step could be passed on to it)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _caller() -> str:
+    """file:line of the code that entered the context (the first frame outside this module and contextlib)."""
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code.co_filename in (__file__, contextlib.__file__):
+        frame = frame.f_back
+    return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """(B, T) of a decoder stack's forward, from input_ids [B, T] or inputs_embeds [B, T, H]."""
+    first = args[0] if args else kwargs.get("input_ids")
+    if first is None:
+        first = kwargs.get("inputs_embeds")
+    if isinstance(first, torch.Tensor) and first.dim() >= 2:
+        return (first.shape[0], first.shape[1])
+    return None
 
 
 class RoutingReplay:
     """Replays (R3) or records (R2) the expert choice of every router of a transformers MoE model.
 
-    ``moe_layer_ids[l]`` is the model layer index of MoE layer l (axis 2 of a batch routing).
-    Only one ``replay``/``record`` context may be open at a time.
+    ``model`` may be wrapped (DDP, FSDP2, ``torch.compile``, PEFT); build it on the model as it is
+    trained. ``moe_layer_ids[l]`` is the model layer index of MoE layer l (axis 2 of a batch routing).
+    Only one ``replay``/``record`` context may be open at a time. The hooks stay installed until
+    ``close()`` (outside a context they leave routing native); building a second RoutingReplay on the
+    same model closes the first.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        found = [
-            (name, module, _FAMILY_BY_ROUTER_CLASS[type(module).__name__])
-            for name, module in model.named_modules()
-            if type(module).__name__ in _FAMILY_BY_ROUTER_CLASS
-        ]
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if not found:
-            raise ValueError(
-                f"{type(model).__name__} (model_type {model_type!r}) is not supported: no router of a "
-                f"supported family ({', '.join(SUPPORTED_FAMILIES)}) was found"
-            )
-        families = {family.name for _, _, family in found}
-        if len(families) > 1:
-            raise ValueError(f"model mixes router families {sorted(families)}")
-        self.family: str = found[0][2].name
-        self._gate_weights = found[0][2].gate_weights
-        self._routers: list[nn.Module] = []
-        self._decoder_layers: list[nn.Module] = []
-        self._blocks: list[nn.Module] = []
-        self.moe_layer_ids: list[int] = []
-        for name, router, _ in found:
-            match = _LAYER_INDEX.search(name)
-            if match is None:
-                raise ValueError(f"cannot tell the decoder layer of router {name!r}")
-            self.moe_layer_ids.append(int(match.group(1)))
-            self._routers.append(router)
-            self._decoder_layers.append(model.get_submodule(name[: match.end() - 1]))
-            self._blocks.append(model.get_submodule(name.rpartition(".")[0]))
-        if self.moe_layer_ids != sorted(set(self.moe_layer_ids)):
-            raise ValueError(f"routers are not in increasing layer order: {self.moe_layer_ids}")
-        num_experts = {int(router.num_experts) for router in self._routers}
-        top_k = {int(router.top_k) for router in self._routers}
-        if len(num_experts) != 1 or len(top_k) != 1:
-            raise ValueError(f"routers differ in number of experts {num_experts} or top-k {top_k}")
-        self.num_experts: int = num_experts.pop()
-        self.top_k: int = top_k.pop()
-        self._batch_shapes: list[tuple[int, int]] = [(0, 0)] * len(self._routers)
-        self._active = False
+        found = find_routers(model)
+        self.family: str = found.family.name
+        self._gate_weights = found.family.gate_weights
+        self._found = found
+        self.moe_layer_ids: list[int] = [layer.layer_id for layer in found.layers]
+        self._routers: list[nn.Module] = [layer.primary for layer in found.layers]
+        self.router_names: list[list[str]] = [list(layer.router_names) for layer in found.layers]
+        """Module path of each MoE layer's router, with every copy (PEFT ``modules_to_save``)."""
+        self.num_experts: int = int(self._routers[0].num_experts)
+        self.top_k: int = int(self._routers[0].top_k)
+        self._session: _Session | None = None
+        self._stash: list[_Step | None] = [None] * len(found.layers)
+        self._handles: list[RemovableHandle] = []
+        self._closed = False
+        self._base = model.get_submodule(found.base_name)
+        owner = _OWNERS.get(self._base)
+        previous = None if owner is None else owner()
+        if previous is not None:
+            if previous._session is not None:
+                raise RuntimeError(
+                    f"this model already has a RoutingReplay with an open context (entered at "
+                    f"{previous._session.where}); exit it before building another"
+                )
+            previous.close()
+        self._install(model, found)
+        _OWNERS[self._base] = weakref.ref(self)
+
+    # ----------------------------------------------------------------------------------- public API
 
     @contextmanager
-    def replay(self, routing: RoutingLike, mask: RoutingLike | None = None) -> Iterator[None]:
-        """Force every router to choose the experts in ``routing [B, T, L, K]``.
+    def replay(
+        self,
+        routing: RoutingLike,
+        mask: RoutingLike | None = None,
+        *,
+        strict: bool = True,
+        aux_loss: Literal["native", "replayed"] = "native",
+    ) -> Iterator[ReplayReport]:
+        """Force every router to choose the experts in ``routing [B, T, L, K]``; yields a ReplayReport.
 
         Gate weights are the router's own dense scores gathered at the replayed ids, then
         normalised and scaled as the family does natively, so the router weight still receives
-        gradients. Tokens with ``mask [B, T] == False`` route natively. With gradient checkpointing,
-        run backward inside the context so the recomputed layers replay the same experts.
-        Raises ValueError (naming sample, position and MoE layer) for routing that does not fit.
+        gradients. Tokens with ``mask [B, T] == False`` route natively. Every forward inside the
+        context must have the routing's ``[B, T]``; gradient-checkpointed layers recompute with the
+        replayed experts however late backward runs.
+
+        Raises ValueError (naming sample, position and MoE layer) for routing that does not fit, and
+        RuntimeError when a forward does not reach every MoE layer's router, a router is called outside
+        the model's forward, no forward runs inside the context, or another context is still open;
+        with ``strict=False`` the RuntimeErrors become warnings.
+
+        ``aux_loss``: the model's own ``aux_loss`` (``output_router_logits=True``) is always computed by
+        transformers from a top-k of the router's scores, i.e. the native choice (as Megatron and verl
+        do: the balancing term then keeps pushing the *router's* preference towards balance, which is
+        what the router learns). ``"replayed"`` keeps each forward's logits and replayed ids so that
+        ``report.load_balancing_loss(attention_mask)`` gives the same loss counted on the experts that
+        were actually used.
         """
-        state = _Replay(self, routing, mask, self._routers[0].weight.device)
-        with self._patched(lambda layer, out, dtype: self._route_replayed(state, layer, out, dtype)):
-            yield
-        if state.checkpointed_forwards and not state.recomputed_forwards:
-            warnings.warn(
-                "gradient checkpointing is on but backward did not run inside rr.replay(): the "
-                "recomputed layers will route natively, not with the replayed experts",
-                stacklevel=3,
+        if aux_loss not in ("native", "replayed"):
+            raise ValueError(f"aux_loss must be 'native' or 'replayed', got {aux_loss!r}")
+        session = _Session(self, "replay", routing, mask, strict=strict, keep_aux=aux_loss == "replayed")
+        report = ReplayReport(session)
+        with self._open(session):
+            yield report
+        if session._head.next is None:
+            session.problem(
+                "no forward of the model ran inside rr.replay(): the routing was never used (is the model "
+                "called the one RoutingReplay was built on?)"
             )
 
     @contextmanager
     def record(self) -> Iterator[RoutingRecord]:
         """Record the native routing of the forwards run inside the context (R2's old-policy pass)."""
-        record = RoutingRecord(len(self._routers))
-        with self._patched(lambda layer, out, dtype: self._route_recorded(record, layer, out)):
-            yield record
+        session = _Session(self, "record")
+        with self._open(session):
+            yield RoutingRecord(session)
 
-    def _route_replayed(
-        self, state: _Replay, layer: int, router_out: tuple[torch.Tensor, ...], hidden_dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, _, native_ids = router_out
-        batch_shape = self._batch_shapes[layer]
-        if batch_shape != state.batch_shape:
-            raise ValueError(self._shape_mismatch(state.batch_shape, batch_shape, layer))
-        decoder_layer = self._decoder_layers[layer]
-        if _in_backward():
-            state.recomputed_forwards += 1
-        elif (
-            torch.is_grad_enabled()
-            and decoder_layer.training
-            and getattr(decoder_layer, "gradient_checkpointing", False)
-        ):
-            state.checkpointed_forwards += 1
-        ids = state.ids_by_layer[layer].to(device=native_ids.device, dtype=torch.long, non_blocking=True)
-        if state.flat_mask is not None:
-            ids = torch.where(state.flat_mask.to(native_ids.device), ids, native_ids)
-        return logits, self._gate_weights(self._routers[layer], logits, ids, hidden_dtype), ids
+    def close(self) -> None:
+        """Remove every hook; the model routes natively from now on, recomputes included."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        owner = _OWNERS.get(self._base)
+        if owner is not None and owner() is self:
+            del _OWNERS[self._base]
+        self._closed = True
 
-    def _route_recorded(
-        self, record: RoutingRecord, layer: int, router_out: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
-        if not _in_backward():
-            batch, seq = self._batch_shapes[layer]
-            record._add(layer, router_out[2].detach().reshape(batch, seq, -1).to(torch.long))
-        return router_out
+    # ----------------------------------------------------------------------------------- internals
 
-    @staticmethod
-    def _shape_mismatch(routing_shape: tuple[int, int], batch_shape: tuple[int, int], layer: int) -> str:
-        (routing_batch, routing_seq), (batch, seq) = routing_shape, batch_shape
-        if routing_batch < batch:
-            return (
-                f"sample {routing_batch}, position 0, MoE layer {layer}: routing is shorter than the batch "
-                f"({routing_batch} samples for a batch of {batch})"
-            )
-        if routing_seq < seq:
-            return (
-                f"sample 0, position {routing_seq}, MoE layer {layer}: routing is shorter than the batch "
-                f"({routing_seq} positions for a batch of length {seq})"
-            )
-        return f"MoE layer {layer}: routing covers [B, T] = {routing_shape} but the batch is {batch_shape}"
+    def _device(self) -> torch.device:
+        weight = self._routers[0].weight
+        return weight.device
 
     @contextmanager
-    def _patched(self, route: Callable[[int, tuple[torch.Tensor, ...], torch.dtype], Any]) -> Iterator[None]:
-        """Swap each router's forward for ``route`` applied to its native output; restore on exit."""
-        if self._active:
-            raise RuntimeError("RoutingReplay contexts do not nest")
-        self._active = True
-        saved_forwards = [router.__dict__.get("forward") for router in self._routers]
-        hooks = []
+    def _open(self, session: _Session) -> Iterator[None]:
+        if self._closed:
+            raise RuntimeError(
+                "this RoutingReplay is closed (by close(), or because another RoutingReplay was built on the same "
+                "model): use the newer one"
+            )
+        if self._session is not None:
+            raise RuntimeError(
+                f"RoutingReplay contexts do not nest: a {self._session.mode}() context entered at "
+                f"{self._session.where} is still open (never exited?); exit it before entering another"
+            )
+        session.where = _caller()
+        self._session = session
         try:
-            for layer, (router, block) in enumerate(zip(self._routers, self._blocks, strict=True)):
-                router.forward = self._wrap(layer, router.forward, route)
-                hooks.append(block.register_forward_pre_hook(self._shape_hook(layer), with_kwargs=True))
             yield
         finally:
-            for hook in hooks:
-                hook.remove()
-            for router, saved in zip(self._routers, saved_forwards, strict=True):
-                if saved is None:
-                    router.__dict__.pop("forward", None)
-                else:
-                    router.forward = saved
-            self._active = False
+            self._session = None
 
-    def _shape_hook(self, layer: int) -> Callable[..., None]:
-        """Remember (B, T) of the MoE block's input: the router only sees the flattened [B*T, H]."""
+    def _install(self, model: nn.Module, found: FoundRouters) -> None:
+        _remove_foreign_hooks(model, self)
+        hooks = self._handles
+        hooks.append(self._base.register_forward_pre_hook(self._mark(self._on_stack_start), with_kwargs=True))
+        hooks.append(self._base.register_forward_hook(self._mark(self._on_stack_end), with_kwargs=True))
+        router_ids = {id(router) for layer in found.layers for router in layer.routers}
+        layer_of_decoder = {layer.decoder_name: index for index, layer in enumerate(found.layers)}
+        for decoder_name in found.decoder_names:
+            decoder = model.get_submodule(decoder_name)
+            index = layer_of_decoder.get(decoder_name)
+            path: dict[int, nn.Module] = {}
+            if index is not None:
+                # The modules between the decoder layer and its router(s): the step passes through them.
+                path[id(decoder)] = decoder
+                for router_name in found.layers[index].router_names:
+                    module = decoder
+                    for part in router_name[len(decoder_name) + 1 :].split(".")[:-1]:
+                        module = module.get_submodule(part)
+                        path[id(module)] = module
+                for module in path.values():
+                    if _takes_keywords(module):
+                        peek = self._mark(self._peek_hook(index))
+                        hooks.append(module.register_forward_pre_hook(peek, with_kwargs=True))
+            # Modules that may receive the decoder layer's keyword arguments (attention): take the step
+            # out, so no attention implementation ever sees it. Depth 2 covers checkpoint_wrapper's level.
+            for child_name, child in decoder.named_modules():
+                depth = child_name.count(".") + 1 if child_name else 0
+                if (
+                    1 <= depth <= 2
+                    and id(child) not in path
+                    and id(child) not in router_ids
+                    and _takes_keywords(child)
+                ):
+                    hooks.append(child.register_forward_pre_hook(self._mark(self._take_hook(index)), with_kwargs=True))
+        for index, layer in enumerate(found.layers):
+            for router in layer.routers:
+                hooks.append(router.register_forward_hook(self._mark(self._router_hook(index))))
 
+    def _mark(self, hook: Any) -> Any:
+        """Tag a hook as this instance's, so a later RoutingReplay can find hooks copied with a model."""
+
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            return hook(*args, **kwargs)
+
+        marked.__dict__[_HOOK_MARK] = self
+        return marked
+
+    def _on_stack_start(self, stack: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if stack is not self._base:  # a hook deep-copied with the model: the copy is not ours
+            return None
+        for index in range(len(self._stash)):
+            self._stash[index] = None
+        session = self._session
+        batch_shape = _batch_shape(args, kwargs)
+        if session is not None:
+            session.check_batch(batch_shape)
+        step = _Step(session, len(self._stash), batch_shape)
+        if session is not None:
+            session.add_step(step)
+        kwargs[STEP_KWARG] = step
+        return args, kwargs
+
+    def _on_stack_end(self, stack: nn.Module, __: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if stack is not self._base:
+            return
+        step = kwargs.get(STEP_KWARG)
+        if isinstance(step, _Step) and step.session is not None:
+            step.session.finish_step(step)
+
+    def _peek_hook(self, index: int) -> Any:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden_states = args[0] if args else kwargs["hidden_states"]
-            if hidden_states.dim() != 3:
-                raise RuntimeError(f"MoE block input must be [B, T, H], got {tuple(hidden_states.shape)}")
-            self._batch_shapes[layer] = (hidden_states.shape[0], hidden_states.shape[1])
+            step = kwargs.get(STEP_KWARG)
+            if step is not None:
+                self._stash[index] = step
 
         return hook
 
-    @staticmethod
-    def _wrap(
-        layer: int,
-        native_forward: Callable[..., Any],
-        route: Callable[[int, tuple[torch.Tensor, ...], torch.dtype], Any],
-    ) -> Callable[..., Any]:
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            router_out = native_forward(hidden_states, *args, **kwargs)
-            if not (isinstance(router_out, tuple) and len(router_out) == 3):
+    def _take_hook(self, index: int | None) -> Any:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            step = kwargs.pop(STEP_KWARG, None)
+            if step is not None and index is not None:
+                self._stash[index] = step
+
+        return hook
+
+    def _router_hook(self, index: int) -> Any:
+        def hook(router: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            step = self._stash[index]
+            if step is None:
+                session = self._session
+                if session is not None and session.mode == "replay":
+                    session.problem(
+                        f"the router of model layer {self.moe_layer_ids[index]} ran under rr.replay() outside "
+                        "a forward of the model's decoder stack, so it was not replayed: a submodule called "
+                        "directly, or a copy of the model made after RoutingReplay was built (build a "
+                        "RoutingReplay for the copy and replay it in its own context)"
+                    )
+                return None
+            self._stash[index] = None
+            session = step.session
+            if session is None:
+                return None
+            if not (isinstance(output, tuple) and len(output) == 3):
                 raise RuntimeError(
                     "router returned something other than (router_logits, topk_weights, topk_indices); "
                     "this transformers version is not supported (need >= 5.17)"
                 )
-            return route(layer, router_out, hidden_states.dtype)
+            logits, _, native_ids = output
+            calls = step.calls[index]
+            step.calls[index] = calls + 1
+            if session.mode == "record":
+                if calls == 0:
+                    step.recorded[index] = native_ids.detach().to(torch.long)
+                return None
+            assert session.routing is not None
+            ids = session.routing[:, :, index].reshape(-1, session.routing.shape[-1])
+            if logits.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"MoE layer {index} (model layer {self.moe_layer_ids[index]}): the router received "
+                    f"{logits.shape[0]} tokens but the routing covers B*T = {ids.shape[0]}"
+                )
+            ids = ids.to(device=native_ids.device, dtype=torch.long, non_blocking=True)
+            if session.flat_mask is not None:
+                ids = torch.where(session.flat_mask.to(native_ids.device), ids, native_ids)
+            hidden_dtype = args[0].dtype if args and isinstance(args[0], torch.Tensor) else logits.dtype
+            gates = session.gate_weights(router, logits, ids, hidden_dtype)
+            if calls == 0 and session.keep_aux:
+                step.aux[index] = (logits, ids)
+            return logits, gates, ids
 
-        return forward
+        return hook
