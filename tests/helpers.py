@@ -44,3 +44,18 @@ def assert_logprobs_match_full_forward(ref_model, prompts: list[list[int]], outs
             logp = torch.log_softmax(ref_model(torch.tensor([p + c.token_ids])).logits[0].float(), -1)
         expected = logp[len(p) - 1 : -1].gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
         assert torch.allclose(torch.tensor(c.logprobs), expected, atol=atol)
+
+
+def count_round_trips(store, monkeypatch) -> list:
+    """Count the Redis pipelines ``store`` executes (one entry per round trip), through its real client."""
+    executes: list = []
+    real_pipeline = store.client.pipeline
+
+    def counting_pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+        pipe.execute = lambda *a, **kw: executes.append(1) or real_execute(*a, **kw)
+        return pipe
+
+    monkeypatch.setattr(store.client, "pipeline", counting_pipeline)
+    return executes

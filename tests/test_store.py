@@ -15,6 +15,7 @@ import redis
 
 import routereplay.store as store_mod
 from routereplay.store import LocalStore, RedisStore, RoutingStore, StoreQueueFull, StoreWriter
+from tests.helpers import count_round_trips
 
 # ---------------------------------------------------------------- helpers
 
@@ -193,16 +194,7 @@ def test_redis_get_many_is_one_round_trip(redis_url: str, monkeypatch: pytest.Mo
     s = RedisStore(redis_url, prefix=f"rt-{uuid.uuid4().hex}:")
     for i in range(5):
         s.put(str(i), routing(i))
-    executes = []
-    real_pipeline = s.client.pipeline
-
-    def counting_pipeline(*args, **kwargs):
-        pipe = real_pipeline(*args, **kwargs)
-        real_execute = pipe.execute
-        pipe.execute = lambda *a, **kw: executes.append(1) or real_execute(*a, **kw)
-        return pipe
-
-    monkeypatch.setattr(s.client, "pipeline", counting_pipeline)
+    executes = count_round_trips(s, monkeypatch)
     monkeypatch.setattr(s.client, "get", lambda *a: pytest.fail("get_many must not GET key by key"))
     assert [a.shape[0] for a in s.get_many(["4", "0", "2"])] == [4, 0, 2]
     assert executes == [1]

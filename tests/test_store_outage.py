@@ -24,6 +24,7 @@ from routereplay.routing import decode
 from routereplay.store import RedisStore, StoreBatchError, StoreQueueFull, StoreWriter
 from routereplay.store.redis_store import DEFAULT_SOCKET_TIMEOUT
 from routereplay.tiny import make_tiny_checkpoint
+from tests.helpers import count_round_trips
 from tests.test_server import Server, complete
 
 if TYPE_CHECKING:
@@ -83,16 +84,7 @@ def test_write_to_frozen_redis_fails_within_the_timeout(redis_server_factory) ->
 
 def test_put_many_is_one_round_trip_with_per_item_errors(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with RedisStore(redis_url, prefix=f"many-{uuid.uuid4().hex}:") as s:
-        executes = []
-        real_pipeline = s.client.pipeline
-
-        def counting_pipeline(*args, **kwargs):
-            pipe = real_pipeline(*args, **kwargs)
-            real_execute = pipe.execute
-            pipe.execute = lambda *a, **kw: executes.append(1) or real_execute(*a, **kw)
-            return pipe
-
-        monkeypatch.setattr(s.client, "pipeline", counting_pipeline)
+        executes = count_round_trips(s, monkeypatch)
         items = [("a", routing(1, 1)), ("bad", np.array([object()])), ("b", routing(2, 2)), ("a", routing(3, 3))]
         with pytest.raises(StoreBatchError, match=r"1 of 4 routing writes failed; first: key 'bad'") as info:
             s.put_many(items)
