@@ -1,9 +1,10 @@
 """Service mode: the rollout server in its own process, the trainer talking HTTP to it.
 
-Each step: sample a group of rollouts through the OpenAI API with their routing stored under a
-rollout id; train (here: one small random nudge standing in for a GRPO step, see grpo_r3.py for
-the real loop with replay); save the weights; pause the server, load them, continue. Rollouts of
-the next step therefore come from the new policy only.
+Each step: sample a group of rollouts through the OpenAI API (plain HTTP here, so the base install
+runs it; the `openai` client sends the same body) with their routing stored under a rollout id;
+train (here: one small random nudge standing in for a GRPO step, see grpo_r3.py for the real loop
+with replay); save the weights; pause the server, load them, continue. Rollouts of the next step
+therefore come from the new policy only.
 
     python examples/server_loop.py
 """
@@ -15,7 +16,6 @@ import time
 
 import httpx
 import torch
-from openai import OpenAI
 from transformers import AutoModelForCausalLM
 
 from routereplay import store
@@ -40,13 +40,14 @@ try:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise
         time.sleep(0.2)
-    client = OpenAI(base_url=f"{url}/v1", api_key="none")
     trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     routing_store = store.open("./server-loop-routing")
     for step in range(STEPS):
-        out = client.completions.create(model=model_dir, prompt=[5, 6, 7, 8], n=4, max_tokens=16, temperature=1.0,
-                                        extra_body={"rollout_id": f"step{step}", "ignore_eos": True})
-        keys = [c.routing_key for c in out.choices]  # step{step}/0 .. /3: prompt + completion - 1 rows each
+        out = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": model_dir, "prompt": [5, 6, 7, 8], "n": 4, "max_tokens": 16, "temperature": 1.0,
+            "rollout_id": f"step{step}", "ignore_eos": True})
+        out.raise_for_status()
+        keys = [c["routing_key"] for c in out.json()["choices"]]  # step{step}/0 .. /3: prompt + completion - 1 rows
         rows = [routing_store.get(k).shape[0] for k in keys]
 
         with torch.no_grad():  # stand-in for the training step

@@ -33,7 +33,7 @@ OPTIONAL = {
 # Which extras, beyond the runtime dependencies, each group of files may import from.
 FILES = {
     "src/routereplay": (),
-    "examples/server_loop.py": ("client",),  # the trainer side of the server: the OpenAI client
+    "examples/server_loop.py": (),  # the base install runs it (plain HTTP through httpx)
     "tests": ("test",),
 }
 
