@@ -46,7 +46,7 @@ def token_logprobs(input_ids: torch.Tensor, attention_mask: torch.Tensor, target
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
 
 
-print("step  reward  k3 KL (R3)  k3 KL (native)  router disagreement (native)")
+print("step  reward  k3 KL (R3)  k3 KL (native)  router disagreement (native)  MoE layers, tokens replayed")
 for step in range(STEPS):
     # 1. Rollouts: SAMPLES per prompt; routing lands in the store under "{rollout_id}/{i}".
     prompts = rng.integers(3, 103, size=(PROMPTS, PROMPT_LEN)).tolist()
@@ -86,12 +86,12 @@ for step in range(STEPS):
 
     # 5. Training forward with the rollout's experts replayed (gate weights still come from the
     #    trainer's router, so it keeps learning); PPO-clipped ratio against the rollout log-probs.
-    with rr.replay(routing, mask):
+    with rr.replay(routing, mask) as report:  # a forward that misses a router is an error, not silence
         logprobs = token_logprobs(input_ids, attention_mask, targets)
-        ratio = torch.exp(logprobs - rollout_logprobs)
-        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - CLIP, 1 + CLIP) * adv)
-        loss = -(surrogate * response).sum() / response.sum()
-        loss.backward()  # inside the context, so gradient-checkpointed layers also replay
+    ratio = torch.exp(logprobs - rollout_logprobs)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - CLIP, 1 + CLIP) * adv)
+    loss = -(surrogate * response).sum() / response.sum()
+    loss.backward()  # after the context: gradient-checkpointed layers still recompute with the replayed experts
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -102,7 +102,7 @@ for step in range(STEPS):
     native = policy_mismatch(native_logprobs, rollout_logprobs, response)
     disagreement = router_disagreement(routing.long(), rec.routing, mask)
     print(f"{step:>4}  {rewards.mean():6.3f}  {replayed.k3_kl:10.2e}  {native.k3_kl:14.2e}  "
-          f"{disagreement.pair_rate:28.2%}")
+          f"{disagreement.pair_rate:28.2%}  {report.layers_replayed}/{len(rr.moe_layer_ids)} {report.tokens_replayed}")
 
 llm.close()
 routing_store.close()

@@ -29,6 +29,8 @@ def test_grpo_r3_trains_with_replay(tmp_path: Path) -> None:
     replay_kl, native_kl = (sum(float(r[i]) for r in rows) / len(rows) for i in (2, 3))
     assert replay_kl < native_kl / 2  # replaying the rollout's experts removes most of the mismatch
     assert all(float(r[4].rstrip("%")) > 0 for r in rows)  # the trainer's own routers would differ
+    replayed = [r[5].split("/") for r in rows]  # the replay report: every MoE layer replayed, tokens too
+    assert all(a == b and int(a) > 0 for a, b in replayed) and all(int(r[6]) > 0 for r in rows)
     assert (tmp_path / "grpo-r3-routing").is_dir()  # the routing went through the store
 
 
