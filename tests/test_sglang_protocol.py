@@ -192,3 +192,30 @@ def test_release_and_resume_memory_as_slime_calls_them(srv: Server) -> None:
     assert after["meta_info"]["routed_experts"] == before["meta_info"]["routed_experts"]
     bad = srv.post("/release_memory_occupation", {"tags": ["gpu"]})
     assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("tags"), bad.text
+
+
+def test_generate_routing_of_a_model_with_dense_layers(tmp_path) -> None:
+    """/generate on tiny glm4_moe with first_k_dense_replace=1 (layer 0 dense, MoE on 1..3): zero rows at the
+    dense layer, the compact routing at the MoE columns, read back by from_sglang, a wrong layout refused."""
+    from routereplay.routing import decode, from_sglang
+    from routereplay.tiny import make_tiny_checkpoint
+
+    d = make_tiny_checkpoint(str(tmp_path / "glm4_moe"), "glm4_moe", first_k_dense_replace=1)
+    server = Server(d, tmp_path / "server.log", "--routing-replay", '{"enable": true}')
+    try:
+        body = {"input_ids": PROMPT, "return_routed_experts": True,
+                "sampling_params": {"max_new_tokens": 5, "temperature": 1.0, "sampling_seed": 3}}
+        out = server.post("/generate", body).json()
+        compact = decode(server.post("/generate", {**body, "routed_experts_compact": True}).json()
+                         ["meta_info"]["routed_experts"])
+    finally:
+        server.stop_gracefully()
+    num_layers, moe_ids, top_k = 4, [1, 2, 3], compact.shape[2]
+    raw = np.frombuffer(base64.b64decode(out["meta_info"]["routed_experts"]), dtype="<i4")
+    full = raw.reshape(len(PROMPT) + len(out["output_ids"]) - 1, num_layers, top_k)
+    assert not full[:, 0].any() and (full[:, moe_ids] == compact).all()
+    np.testing.assert_array_equal(from_sglang(out["meta_info"]["routed_experts"], moe_ids, num_layers, top_k), compact)
+    with pytest.raises(ValueError):
+        from_sglang(out["meta_info"]["routed_experts"], [0, 1, 2], num_layers, top_k)  # layer 0 is dense
+    with pytest.raises(ValueError):
+        from_sglang(out["meta_info"]["routed_experts"], moe_ids, num_layers + 1, top_k)
