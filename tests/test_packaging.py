@@ -28,6 +28,7 @@ OPTIONAL = {
     # GPU kernels: CUDA builds of torch bring triton; CPU builds have none, and the kernels import it
     # inside ``try: ... except Exception`` (attention.py, fused.py) or ``if HAS_TRITON:`` (moe.py).
     "triton": "comes with CUDA builds of torch",
+    "trl": "the trl extra; routereplay.integrations.trl imports it under a guard",
 }
 
 # Which extras, beyond the runtime dependencies, each group of files may import from.
