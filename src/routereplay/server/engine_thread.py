@@ -58,7 +58,6 @@ class EngineThread:
         self.paused = False  # written by the engine thread only: no step runs while set
         self.last_step = 0.0  # time.monotonic() at the end of the last engine step
         self._pending_lock = threading.Lock()
-        self.snapshot: dict[str, int] = engine.stats()  # refreshed by the engine thread after each step
 
     def start(self) -> None:
         self._thread.start()
@@ -134,7 +133,6 @@ class EngineThread:
                     finished = []
                 self.last_step = time.monotonic()
                 self._publish(finished)
-            self.snapshot = engine.stats()
 
     def _add(self, job: Job) -> None:
         try:

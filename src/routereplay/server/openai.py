@@ -17,7 +17,7 @@ from routereplay.routing import encode
 from routereplay.sampling_params import MAX_TOP_LOGPROBS, WIRE_NAMES, SamplingParams, cut_at_stop
 from routereplay.server.engine_thread import Job
 from routereplay.server.frontend import Frontend, check_key, wire_param
-from routereplay.server.protocol import UNSUPPORTED, ApiError, ChatBody, ChatMessage, CompletionBody, SamplingBody
+from routereplay.server.protocol import ApiError, ChatBody, ChatMessage, CompletionBody, SamplingBody
 
 
 def _sse(obj: Mapping[str, Any] | str) -> str:
@@ -96,12 +96,10 @@ class OpenAI:
         return list(ids)
 
     def _jobs(self, body: SamplingBody, prompts: list[tuple[list[int], str | None]], logprobs: int | None,
-              chat: bool, rid: str, max_tokens_field: str) -> list[Job]:
+              chat: bool, rid: str, max_tokens_field: str, echo: bool) -> list[Job]:
         """Validate every prompt, then make the engine requests (nothing is queued on error). The store keys:
         ``rollout_id`` (else the response id) for one prompt, ``rollout_id/j/i`` for a batch (routing_key)."""
-        for name, default in UNSUPPORTED.items():
-            if name == "echo" and not chat:  # completions implement it
-                continue
+        for name, default in body.UNSUPPORTED.items():
             value = getattr(body, name, None)
             if not (value is None or value is False or value in ("", [], {})
                     or (type(value) in (int, float) and value == default)):
@@ -115,7 +113,6 @@ class OpenAI:
         # OpenAI's user names an end user, not a rollout: two requests of one user must not share a key
         given["rollout_id"] = body.rollout_id or rid
         batch = len(prompts) > 1
-        echo = bool(getattr(body, "echo", False)) and not chat
         if echo and body.stream:
             raise ApiError(400, "echo is not supported with stream", "echo")
         prompt_logprobs = logprobs if echo and logprobs is not None else None  # echo's prompt log-probs
@@ -141,12 +138,13 @@ class OpenAI:
         """``logprobs``: None = no log-probs, N = each token's and the N most likely at its position."""
         self.front.check_alive()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        jobs = self._jobs(body, prompts, logprobs, chat, rid, max_tokens_field)
+        echo = not chat and body.echo  # completions: the prompt's tokens and log-probs come first
+        jobs = self._jobs(body, prompts, logprobs, chat, rid, max_tokens_field, echo)
         self.front.submit(jobs)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._stream(jobs, rid, chat, include_usage), media_type="text/event-stream")
-        return JSONResponse(await self._complete(jobs, rid, chat, echo=bool(getattr(body, "echo", False))))
+        return JSONResponse(await self._complete(jobs, rid, chat, echo))
 
     # -- replies
     def _routing_fields(self, c: CompletionOutput) -> dict[str, Any]:
@@ -190,7 +188,7 @@ class OpenAI:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.front.model_name}
 
-    async def _complete(self, jobs: list[Job], rid: str, chat: bool, echo: bool = False) -> dict[str, Any]:
+    async def _complete(self, jobs: list[Job], rid: str, chat: bool, echo: bool) -> dict[str, Any]:
         front = self.front
         done = await front.wait_all(jobs)
         outs = [done[job.request_id] for job in jobs]

@@ -82,7 +82,9 @@ class _OpenAIBase(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None  # OpenAI's end-user id: logged by nobody here, never a store key
-    # OpenAI fields this engine does not implement: rejected when set to a non-default value (UNSUPPORTED)
+    # OpenAI fields this engine does not implement: rejected when set to a value other than "off" (UNSUPPORTED:
+    # field -> the numeric value that means off)
+    UNSUPPORTED: ClassVar[dict[str, float]] = {"suffix": 0, "best_of": 1, "logit_bias": 0, "tools": 0}
     suffix: Any = None
     best_of: Any = None
     logit_bias: Any = None
@@ -111,7 +113,8 @@ class ChatMessage(BaseModel):
 
 class ChatBody(SamplingBody):
     messages: list[ChatMessage]
-    echo: Any = None  # not supported on chat (UNSUPPORTED)
+    echo: Any = None  # completions only
+    UNSUPPORTED: ClassVar[dict[str, float]] = {**_OpenAIBase.UNSUPPORTED, "echo": 0}
     logprobs: bool | None = None
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
@@ -265,8 +268,6 @@ class MemoryBody(SGLangBody):
     tags: list[Literal["kv_cache", "weights", "cuda_graph"]] | None = None  # None or []: all (SGLang)
 
 
-# field -> the numeric value that means "off"
-UNSUPPORTED = {"echo": 0, "suffix": 0, "best_of": 1, "logit_bias": 0, "tools": 0}  # echo: chat only
 
 
 # ---- reading a body ----------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ class SGLang:
         front.check_alive()
         if front.thread.paused or front.engine.released:  # a weight sync, or a colocated trainer's step
             return {"status": "ok", "checked": "paused" if front.thread.paused else "memory released"}
-        if front.thread.snapshot["running"] and time.monotonic() - front.thread.last_step < 1.0:
+        if front.engine.stats()["running"] and time.monotonic() - front.thread.last_step < 1.0:
             return {"status": "ok", "checked": "recent step"}
         params = SamplingParams(max_tokens=1, ignore_eos=True, logprobs=False, return_routed_experts=False,
                                 store_routing=False)

@@ -15,6 +15,7 @@ from routereplay.server.protocol import (
     GroupNameBody,
     UpdateWeightsBody,
     WeightGroupBody,
+    engine_param,
 )
 from routereplay.weight_sync import parse_dtype
 
@@ -64,13 +65,11 @@ class Weights:
             raise ApiError(400, f"group_name {body.group_name!r} exists already", "group_name")
         if body.backend == "nccl" and not front.engine.config.device.startswith("cuda"):
             raise ApiError(400, "backend nccl needs an engine on CUDA; use gloo", "backend")
-        if not 0 < body.rank_offset < body.world_size:
-            raise ApiError(400, f"rank_offset must be in [1, world_size), got {body.rank_offset}", "rank_offset")
         timeout_s = front.options.weight_group_timeout_s
         try:
             front.engine.check_weight_group(body.rank_offset, body.world_size, body.backend, timeout_s)
-        except ValueError as e:
-            raise ApiError(400, f"init_weights_update_group: {e}", "world_size") from None
+        except ValueError as e:  # "rank_offset ..." or "world_size=... leaves no room ...": names its field
+            raise ApiError(400, f"init_weights_update_group: {e}", engine_param(str(e), "world_size")) from None
 
         def join(engine):
             return engine.join_weight_group(body.master_address, body.master_port, body.rank_offset,
