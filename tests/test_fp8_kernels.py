@@ -5,10 +5,14 @@ under the interpreter (TRITON_INTERPRET=1 with triton installed), and on a GPU (
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
+from routereplay.kernels import HAS_TRITON
+from routereplay.kernels import fp8 as fp8_mod
+from routereplay.kernels import moe as moe_mod
 from routereplay.kernels.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -19,10 +23,40 @@ from routereplay.kernels.fp8 import (
     fused_moe_fp8_ref,
     quantize_block_weight,
     quantize_per_token_group,
+    quantize_per_token_group_ref,
 )
 from routereplay.kernels.moe import fused_moe_ref
 
 BLOCK = (128, 128)
+
+INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+interpret = pytest.mark.skipif(not INTERPRET, reason="interpreter tests need TRITON_INTERPRET=1 and triton")
+requires_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA, triton")
+if INTERPRET:
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as _interp
+
+    # triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 won't int().
+    _orig_patch = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        _orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
+    # Its fp32 -> e4m3 cast rounds half up and drops the carry into the exponent (127.9 -> 64); the GPU's
+    # cvt.rn rounds to nearest even, as torch does: cast through torch.
+    _orig_fp_to_fp = _interp.InterpreterBuilder.create_fp_to_fp
+
+    def _create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(FP8_DTYPE).view(torch.uint8).numpy()
+            return _interp.TensorHandle(data, dst_type.scalar)
+        return _orig_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    _interp.InterpreterBuilder.create_fp_to_fp = _create_fp_to_fp
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -228,3 +262,184 @@ def test_fused_moe_fp8_refuses_bad_arguments():
         fused_moe_fp8(x, w13, w2[:, :128], ids, wts, s13, s2, BLOCK)
     with pytest.raises(ValueError, match="topk_ids"):
         fused_moe_fp8(x, w13, w2, ids[:2], wts, s13, s2, BLOCK)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton under the interpreter (CPU)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@interpret
+@pytest.mark.parametrize("m,k,group", [(5, 384, 128), (3, 200, 128), (2, 4096, 128), (4, 50, 16)])
+def test_interp_group_quant_is_bitwise_the_reference(m, k, group):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).bfloat16() * 5
+    x[0] = 0
+    q, s = fp8_mod._quantize_per_token_group_triton(x, group)
+    q_ref, s_ref = quantize_per_token_group_ref(x, group)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+LINEAR_SHAPES = [(1, 96, 256, (128, 128)), (7, 200, 300, (128, 128)), (33, 130, 256, (64, 64)),
+                 (20, 64, 96, (128, 32))]
+
+
+@interpret
+@pytest.mark.parametrize("m,n,k,block", LINEAR_SHAPES)
+@pytest.mark.parametrize("cfg", ["decode", "medium"])
+def test_interp_fp8_linear(m, n, k, block, cfg):
+    config = fp8_mod.LINEAR_CONFIG_DECODE if cfg == "decode" else fp8_mod.LINEAR_CONFIG_MEDIUM
+    g = torch.Generator().manual_seed(m * n)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w, s = fp8_weight(n, k, block=block, seed=m)
+    b = torch.randn(n, generator=g)
+    out = fp8_mod._fp8_linear_triton(x, w, s, block, b, torch.float32, config=config)
+    # Same quantized operands; only the order of the fp32 sums differs (per K tile, then scaled).
+    assert rel_err(out, fp8_linear_ref(x, w, s, block, b, out_dtype=torch.float32)) < 1e-6
+    out_bf16 = fp8_mod._fp8_linear_triton(x, w, s, block, config=config)
+    assert out_bf16.dtype == torch.bfloat16
+    assert rel_err(out_bf16, fp8_linear_ref(x, w, s, block)) < 1e-2
+
+
+@interpret
+@pytest.mark.parametrize("cfg", ["small", "large"])
+@pytest.mark.parametrize("one_program", [True, False])
+@pytest.mark.parametrize("h,inter,block", [(256, 128, (128, 128)), (200, 72, (128, 128)), (96, 80, (32, 32))])
+def test_interp_fused_moe_fp8(monkeypatch, cfg, one_program, h, inter, block):
+    if not one_program:
+        monkeypatch.setattr(moe_mod, "MOE_ONE_PROGRAM_ALIGN_MAX", 0)
+    config = fp8_mod.FP8_MOE_CONFIG_SMALL if cfg == "small" else fp8_mod.FP8_MOE_CONFIG_LARGE
+    n, e, k = 9, 16, 3
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(h)).bfloat16()
+    x[2] = 0
+    w13, w2, s13, s2 = moe_fp8_weights(e, h, inter, block, seed=h)
+    ids, wts = routing(n, e, k, seed=inter)
+    out = fp8_mod._fused_moe_fp8_triton(x, w13, w2, ids, wts, s13, s2, block, config=config,
+                                        out=torch.empty(n, h))
+    ref = fused_moe_fp8_ref(x, w13, w2, ids, wts, s13, s2, block, out_dtype=torch.float32)
+    # The activation is requantized from sums in another order: an element on a rounding boundary may land
+    # one e4m3 step away (6% of that element), so the bound is looser than the linear's.
+    assert rel_err(out, ref) < 2e-3
+    assert (out[2] == 0).all()
+
+
+@interpret
+def test_interp_kernels_refuse_a_non_power_of_two_group():
+    w, s = fp8_weight(64, 96, block=(64, 96))
+    with pytest.raises(ValueError, match=r"block\[1\]"):
+        fp8_mod._fp8_linear_triton(torch.randn(2, 96), w, s, (64, 96))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU (the references run on CPU copies: CUDA torch divides by a scalar through its reciprocal, which the
+# kernels and the CPU reference do not)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cpu(*ts):
+    return [t.cpu() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("k", [2048, 200])
+def test_gpu_group_quant_is_bitwise_the_reference(m, k):
+    x = (torch.randn(m, k, device="cuda") * 3).bfloat16()
+    x[m // 2] = 0
+    q, s = quantize_per_token_group(x, 128)
+    q_ref, s_ref = quantize_per_token_group_ref(x.cpu(), 128)
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("n,k,block", [(4096, 2048, (128, 128)), (2048, 512, (128, 128)),
+                                       (200, 300, (128, 128)), (96, 192, (64, 64))])
+def test_gpu_fp8_linear(m, n, k, block):
+    torch.manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    w, s = fp8_weight(n, k, block=block, seed=m, device="cuda")
+    b = torch.randn(n, device="cuda").bfloat16() if m % 2 else None
+    ref = fp8_linear_ref(*cpu(x, w, s), block, None if b is None else b.cpu(), out_dtype=torch.float32)
+    full = fp8_linear(x, w, s, block, b, out_dtype=torch.float32)
+    # Same quantized operands; Hopper's FP8 MMA accumulates a K tile (128) in reduced precision before the
+    # fp32 accumulator takes it: ~1e-4 relative.
+    assert rel_err(full, ref) < 2e-3
+    out = fp8_linear(x, w, s, block, b)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+    assert torch.equal(out, full.bfloat16())  # the same sums, rounded once
+    assert torch.equal(fp8_linear(x, w, s, block, b), out)  # deterministic
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_fp8_linear_leading_dims_zero_rows_and_m0():
+    w, s = fp8_weight(256, 512, device="cuda")
+    x = torch.randn(2, 3, 512, device="cuda").bfloat16()
+    x[1, 1] = 0
+    out = fp8_linear(x, w, s, BLOCK)
+    assert out.shape == (2, 3, 256) and (out[1, 1] == 0).all()
+    assert torch.equal(out.reshape(6, 256), fp8_linear(x.reshape(6, 512), w, s, BLOCK))
+    assert fp8_linear(x[:0, 0], w, s, BLOCK).shape == (0, 256)
+
+
+MOE_CASES = [
+    (1, 128, 8, 2048, 768), (7, 128, 8, 2048, 768), (64, 128, 8, 2048, 768),  # Qwen3-30B-A3B, small tiles
+    (300, 128, 8, 2048, 768), (600, 128, 8, 2048, 768),  # large tiles; 4800 pairs: two-kernel alignment
+    (3, 20, 3, 200, 72), (513, 20, 3, 200, 72),  # partial blocks on both GEMMs
+]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("n,e,k,h,inter", MOE_CASES)
+def test_gpu_fused_moe_fp8(n, e, k, h, inter):
+    torch.manual_seed(n + e)
+    x = torch.randn(n, h, device="cuda").bfloat16()
+    x[0] = 0
+    w13, w2, s13, s2 = moe_fp8_weights(e, h, inter, seed=n, device="cuda")
+    ids, wts = routing(n, e, k, seed=n, device="cuda", id_dtype=torch.int32 if n % 2 else torch.int64)
+    out = torch.full_like(x, float("nan"))
+    fp8_mod._fused_moe_fp8_triton(x, w13, w2, ids, wts, s13, s2, BLOCK, out=out)
+    ref = fused_moe_fp8_ref(*cpu(x, w13, w2, ids, wts, s13, s2), BLOCK, out_dtype=torch.float32)
+    # The down GEMM's input is requantized from sums the MMA rounded differently: an element on a rounding
+    # boundary lands one e4m3 step (6%) away, which costs ~1e-3 relative over the output.
+    assert rel_err(out, ref) < 1e-2
+    assert (out[0] == 0).all()
+    assert torch.equal(fused_moe_fp8(x, w13, w2, ids, wts, s13, s2, BLOCK), out)  # deterministic
+    full = fused_moe_fp8(x, w13, w2, ids, wts, s13, s2, BLOCK, out_dtype=torch.float32)
+    assert torch.equal(full.bfloat16(), out)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_fp8_cuda_graph_replay():
+    """fp8_linear + fused_moe_fp8 captured once, replayed on new inputs, equal to eager calls."""
+    B, E, K, H, inter = 8, 128, 8, 2048, 768
+    w, s = fp8_weight(4096, H, device="cuda")
+    w13, w2, s13, s2 = moe_fp8_weights(E, H, inter, device="cuda")
+    s_x = torch.zeros(B, H, device="cuda", dtype=torch.bfloat16)
+    s_ids = torch.zeros(B, K, device="cuda", dtype=torch.int64)
+    s_w = torch.zeros(B, K, device="cuda")
+
+    def step():
+        return fp8_linear(s_x, w, s, BLOCK), fused_moe_fp8(s_x, w13, w2, s_ids, s_w, s13, s2, BLOCK)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile + warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_lin, o_moe = step()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        s_x.copy_(torch.randn(B, H, device="cuda"))
+        ids, wts = routing(B, E, K, seed=seed, device="cuda")
+        s_ids.copy_(ids)
+        s_w.copy_(wts)
+        graph.replay()
+        e_lin, e_moe = step()
+        assert torch.equal(o_lin, e_lin) and torch.equal(o_moe, e_moe)
