@@ -157,7 +157,7 @@ if HAS_TRITON:
         vv = tl.load(v_ptr + n * stride_vn + h * stride_vh + d, mask=mask)
         tl.store(vc_ptr + dst, vv.to(vc_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, part_o_ptr, part_ml_ptr,
                              qk_scale, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
                              GROUP: tl.constexpr, G_PAD: tl.constexpr, KV_HEADS: tl.constexpr,
@@ -238,17 +238,18 @@ if HAS_TRITON:
         o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])
     def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, out_ptr,
                         qk_scale, stride_qn, stride_qh, stride_bt, stride_on, stride_oh,
-                        NUM_TILES: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                        NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
                         KV_HEADS: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
                         PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_PREC: tl.constexpr):
         # Heads vary fastest so programs sharing a kv head run together (K/V tiles hit L2); the last (most
-        # expensive, causal) query tiles are scheduled first.
+        # expensive, causal) query tiles are scheduled first. The tile count is read from the grid: as a
+        # constexpr it compiled a new kernel for every longest-prompt length a step had.
         h = tl.program_id(0)
-        tile = NUM_TILES - 1 - tl.program_id(1)
+        tile = tl.num_programs(1) - 1 - tl.program_id(1)
         s = tl.program_id(2)
         q_start = tl.load(cu_ptr + s)
         q_len = tl.load(cu_ptr + s + 1) - q_start
@@ -407,7 +408,7 @@ def _prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _prefill_kernel[(Hq, num_tiles, S)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        NUM_TILES=num_tiles, NUM_HEADS=Hq, GROUP=Hq // Hkv, KV_HEADS=Hkv, HEAD_D=D,
+        NUM_HEADS=Hq, GROUP=Hq // Hkv, KV_HEADS=Hkv, HEAD_D=D,
         D_PAD=max(16, _next_pow2(D)), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PREC=_dot_prec(q.dtype), num_warps=PREFILL_NUM_WARPS if block_m >= 64 else 4,
         num_stages=PREFILL_NUM_STAGES)

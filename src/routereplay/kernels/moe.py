@@ -74,7 +74,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _moe_align_one_program_kernel(ids_ptr, counts_ptr, cursor_ptr, pairs_ptr, M, E,
                                       E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
         # Small batches: count, prefix-sum and scatter in one CTA; barriers order the phases.
@@ -100,7 +100,7 @@ if HAS_TRITON:
             dest = tl.atomic_add(cursor_ptr + ids, 1, mask=m, sem="relaxed")
             tl.store(pairs_ptr + dest, offs, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _moe_count_kernel(ids_ptr, counts_ptr, rank_ptr, M, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < M
@@ -108,7 +108,7 @@ if HAS_TRITON:
         rank = tl.atomic_add(counts_ptr + ids, 1, mask=m, sem="relaxed")  # kernel end orders
         tl.store(rank_ptr + offs, rank, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _moe_scatter_kernel(ids_ptr, counts_ptr, rank_ptr, pairs_ptr, M, E,
                             E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
         # Every program recomputes the (tiny) prefix sum of padded counts rather than waiting on another.
