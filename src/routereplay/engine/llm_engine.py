@@ -76,6 +76,10 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self._run_id = uuid.uuid4().hex[:12]  # default request ids (store keys) differ between engines
         self._roots_in_flight: dict[tuple[str, int | None], str] = {}  # (rollout id, prompt index) -> request
+        # Per step only the requests that can have news are visited, not every one in flight (1,024 in RL):
+        self._streams: dict[str, _Request] = {}  # requests with stream=True
+        self._completing: dict[str, _Request] = {}  # requests with a finished sample since they were last visited
+        self._gathers: list[tuple[_Request, CompletionOutput, Sequence, list[int]]] = []  # rows to copy this step
         self._rng = random.Random(config.seed)
         self.store_writer = None
         rr = config.routing_replay
@@ -174,6 +178,8 @@ class LLMEngine:
                                              [0] * params.n)
         if stores:
             self._roots_in_flight[root] = request_id
+        if stream:
+            self._streams[request_id] = self.requests[request_id]
         self._counters["requests"] += 1
         self._counters["prompt_tokens"] += len(prompt_token_ids)
         return request_id
@@ -222,15 +228,14 @@ class LLMEngine:
                 # validate keeps prompt + max_tokens within max_model_len: the second test is a safety net
                 elif seq.num_generated >= seq.params.max_tokens or len(seq) >= self.config.max_model_len:
                     self._finish(seq, "length")
+            self._gather_routing()
         return failed + self._deltas() + self._collect(block=not batch)
 
     def _deltas(self) -> list[RequestOutput]:
         """What the last step added to each streaming request's samples (the tokens only grow: a preempted
         sample is recomputed from its tokens, so the deltas add up to exactly the final output)."""
         outs = []
-        for req in self.requests.values():
-            if not req.stream:
-                continue
+        for req in self._streams.values():
             parts = []
             for seq in req.seqs:
                 a, b = req.sent[seq.sample_index], seq.num_generated
@@ -296,17 +301,38 @@ class LLMEngine:
                                routed_experts_start=seq.params.routed_experts_start)
         if req.want_routing or req.stores_routing:
             if seq.num_computed_tokens >= len(seq) - 1:
-                rows, event = self.runner.gather_routing(seq, 0, len(seq) - 1)
-                req.pending.append((out, rows, event))
+                # the block table as it is now: finish() below releases the blocks (no later step runs before
+                # _gather_routing, so nothing overwrites them first)
+                self._gathers.append((req, out, seq, list(seq.block_table)))
             else:  # only an abort ends a sample before every token but the last was forwarded
                 out.routing_error = (f"aborted with {seq.num_computed_tokens} of {len(seq) - 1} routing rows computed "
                                      "(prefill unfinished or preempted): no routing")
         req.done[seq.sample_index] = out
+        self._completing[req.request_id] = req
         self.scheduler.finish(seq)
 
+    def _gather_routing(self) -> None:
+        """One device gather and one host copy for the routing of every sample finished since the last call;
+        each sample's rows are a view of the shared host buffer, delivered once its copy has landed."""
+        if not self._gathers:
+            return
+        spans = [(table, 0, len(seq) - 1) for _, _, seq, table in self._gathers]
+        host, event = self.runner.gather_routing(spans)
+        start = 0
+        for (req, out, _, _), (_, a, b) in zip(self._gathers, spans, strict=True):
+            req.pending.append((out, host[start : start + b - a], event))
+            start += b - a
+        self._gathers = []
+
     def _collect(self, block: bool) -> list[RequestOutput]:
-        outs = [self._complete(req, block) for req in list(self.requests.values())]
-        return [o for o in outs if o is not None]
+        outs = []
+        for req in list(self._completing.values()):
+            out = self._complete(req, block)
+            if out is not None:
+                outs.append(out)
+            elif not req.pending:  # nothing to deliver until another of its samples finishes
+                del self._completing[req.request_id]
+        return outs
 
     def _complete(self, req: _Request, block: bool) -> RequestOutput | None:
         """Deliver the routing copies that have landed (all with ``block``); the output once every sample is done."""
@@ -364,10 +390,14 @@ class LLMEngine:
             return None
         for seq in unfinished:
             self._finish(seq, "abort")
+        self._gather_routing()
         return self._complete(req, block=True)
 
     def _drop(self, req: _Request) -> None:
         del self.requests[req.request_id]
+        self._streams.pop(req.request_id, None)
+        self._completing.pop(req.request_id, None)
+        self._gathers = [g for g in self._gathers if g[0] is not req]
         self._roots_in_flight.pop((req.key_root, req.prompt_index), None)
 
     def retract(self) -> None:
