@@ -11,8 +11,9 @@ from torch import nn
 
 from routereplay import kernels
 from routereplay.context import get_context
+from routereplay.kernels.fp8 import fused_moe_fp8
 from routereplay.layers.mlp import MLP
-from routereplay.layers.parallel import TP, all_reduce
+from routereplay.layers.parallel import TP, all_reduce, check_shard_on_blocks, fp8_parameters
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -24,12 +25,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights.to(logits.dtype).float()
+        return kernels.softmax_topk(F.linear(x, self.weight), self.top_k, self.norm_topk_prob)
 
 
 class ErnieRouter(nn.Module):
@@ -90,8 +86,11 @@ class GroupedSigmoidRouter(nn.Module):
 class Experts(nn.Module):
     """Routed experts stored fused like transformers' runtime layout: gate_up_proj [E, 2I, H], down_proj [E, H, I].
 
-    Under tensor parallelism each rank holds every expert's slice I/tp of the intermediate dimension.
+    Under tensor parallelism each rank holds every expert's slice I/tp of the intermediate dimension. After
+    ``to_fp8_`` both are e4m3 beside ``gate_up_proj_scale_inv`` / ``down_proj_scale_inv`` (transformers' names).
     """
+
+    block: tuple[int, int] | None = None
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -99,12 +98,26 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, inter))
 
+    def to_fp8_(self, block: tuple[int, int], name: str) -> None:
+        inter = self.down_proj.shape[2]
+        if inter % block[0]:  # gate and up share one scale tensor: no block may straddle the two
+            raise ValueError(f"{name}.gate_up_proj: each expert's gate and up have {inter} rows"
+                             f"{' per rank' if TP.size > 1 else ''}, not a multiple of weight_block_size block_n "
+                             f"{block[0]}: they are fused into one tensor whose blocks must not straddle them")
+        check_shard_on_blocks(f"{name}.down_proj", inter, block[1], "block_k")
+        dev = self.gate_up_proj.device
+        self.gate_up_proj, self.gate_up_proj_scale_inv = fp8_parameters(tuple(self.gate_up_proj.shape), block, dev)
+        self.down_proj, self.down_proj_scale_inv = fp8_parameters(tuple(self.down_proj.shape), block, dev)
+        self.block = tuple(block)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if TP.size == 1:
-            return kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights)
-        # fp32 partials, one rounding after the sum (see RowParallelLinear)
-        out = kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights, out_dtype=torch.float32)
-        return all_reduce(out).to(x.dtype)
+        out_dtype = None if TP.size == 1 else torch.float32  # fp32 partials, one rounding after the sum
+        if self.block is None:
+            out = kernels.fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights, out_dtype=out_dtype)
+        else:
+            out = fused_moe_fp8(x, self.gate_up_proj, self.down_proj, ids, weights, self.gate_up_proj_scale_inv,
+                                self.down_proj_scale_inv, self.block, out_dtype=out_dtype)
+        return out if TP.size == 1 else all_reduce(out).to(x.dtype)
 
 
 def record_routing(moe_index: int, ids: torch.Tensor) -> None:
@@ -118,7 +131,7 @@ def record_routing(moe_index: int, ids: torch.Tensor) -> None:
         return
     if ctx.routing_debug:
         ids = ctx.positions[:, None].expand_as(ids)
-    cache[ctx.slot_mapping, moe_index] = ids.to(cache.dtype)
+    kernels.record_routing(cache, ctx.slot_mapping, moe_index, ids)
 
 
 class SparseMoE(nn.Module):

@@ -1,0 +1,133 @@
+"""The softmax top-k router's epilogue and the routing-cache write, each one kernel on CUDA beside its reference.
+
+A decode step at batch 1 is launch-bound: per MoE layer the PyTorch router ran softmax, top-k, the top-k
+renormalisation and two casts (six kernels), and the routing write a cast and an index_put (two). Here each
+is one Triton program per token row.
+
+``softmax_topk`` selects by the logits, which orders experts exactly as the fp32 softmax does (it is
+monotonic), with ties to the lower expert id; the weights are the softmax's, rounded to the logits' dtype as
+the reference model does. ``record_routing`` writes ``ids`` cast to the cache's dtype at
+``cache[slots, moe_index]``; slot -1 (padding) indexes the cache's last, scratch row, as in Python.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from routereplay.kernels.attention import HAS_TRITON, _next_pow2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra import libdevice
+    except Exception:  # pragma: no cover - older triton
+        libdevice = None
+
+ROUTER_MAX_EXPERTS = 1024  # more experts than this take the reference path (one row must fit a program)
+
+
+def softmax_topk_ref(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2/Qwen3-MoE / Mixtral selection: fp32 softmax over every expert, top-k, optional renormalisation,
+    weights rounded to the logits' dtype. Returns (ids int64 [N, k], weights fp32 [N, k])."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights.to(logits.dtype).float()
+
+
+def record_routing_ref(cache: torch.Tensor, slots: torch.Tensor, moe_index: int, ids: torch.Tensor) -> None:
+    cache[slots, moe_index] = ids.to(cache.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["stride_l"])
+    def _softmax_topk_kernel(logits_ptr, ids_ptr, w_ptr, stride_l, E, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
+                             RENORM: tl.constexpr, ROUND_BF16: tl.constexpr, ROUND_F16: tl.constexpr,
+                             PRECISE_EXP: tl.constexpr):
+        row = tl.program_id(0)
+        e = tl.arange(0, E_PAD)
+        x = tl.load(logits_ptr + row.to(tl.int64) * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, 0)
+        if PRECISE_EXP:  # as accurate as torch's expf; tl.exp is an approximation (the interpreter has no libdevice)
+            p = libdevice.exp(x - m)
+        else:
+            p = tl.exp(x - m)
+        total = tl.sum(p, 0)
+        k = tl.arange(0, TOP_K)
+        chosen_ids = tl.zeros([TOP_K], tl.int64)
+        chosen_p = tl.zeros([TOP_K], tl.float32)
+        left = x
+        for j in tl.static_range(TOP_K):
+            best = tl.max(left, 0)
+            idx = tl.min(tl.where(left == best, e, E_PAD), 0)  # ties: the lower expert id, as sorted top-k
+            chosen_ids = tl.where(k == j, idx.to(tl.int64), chosen_ids)
+            chosen_p = tl.where(k == j, tl.sum(tl.where(e == idx, p, 0.0), 0) / total, chosen_p)
+            left = tl.where(e == idx, float("-inf"), left)
+        if RENORM:
+            chosen_p = chosen_p / tl.sum(chosen_p, 0)
+        if ROUND_BF16:
+            chosen_p = chosen_p.to(tl.bfloat16).to(tl.float32)
+        if ROUND_F16:
+            chosen_p = chosen_p.to(tl.float16).to(tl.float32)
+        tl.store(ids_ptr + row * TOP_K + k, chosen_ids)
+        tl.store(w_ptr + row * TOP_K + k, chosen_p)
+
+    @triton.jit(do_not_specialize=["N", "stride_in"])
+    def _record_routing_kernel(cache_ptr, slots_ptr, ids_ptr, stride_in, stride_ik, stride_cs, scratch, N,
+                               TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        k = tl.arange(0, TOP_K)
+        mask = r < N
+        slot = tl.load(slots_ptr + r, mask=mask, other=0)
+        slot = tl.where(slot < 0, scratch, slot)
+        ids = tl.load(ids_ptr + r[:, None].to(tl.int64) * stride_in + k[None, :] * stride_ik, mask=mask[:, None])
+        tl.store(cache_ptr + slot[:, None].to(tl.int64) * stride_cs + k[None, :],
+                 ids.to(cache_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and t.is_cuda
+
+
+def _softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n, e = logits.shape
+    ids = torch.empty(n, top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(n, top_k, dtype=torch.float32, device=logits.device)
+    if n:
+        _softmax_topk_kernel[(n,)](logits, ids, weights, logits.stride(0), e, TOP_K=top_k, E_PAD=_next_pow2(e),
+                                   RENORM=renormalize, ROUND_BF16=logits.dtype == torch.bfloat16,
+                                   ROUND_F16=logits.dtype == torch.float16, PRECISE_EXP=logits.is_cuda,
+                                   num_warps=1 if e <= 256 else 4)
+    return ids, weights
+
+
+def _record_routing_triton(cache: torch.Tensor, slots: torch.Tensor, moe_index: int, ids: torch.Tensor) -> None:
+    n, k = ids.shape
+    if n:
+        block = 64
+        layer = cache[:, moe_index]  # a view: its offset selects the MoE layer
+        _record_routing_kernel[(triton.cdiv(n, block),)](
+            layer, slots, ids, ids.stride(0), ids.stride(1), cache.stride(0), cache.shape[0] - 1, n,
+            TOP_K=k, BLOCK=block, num_warps=1)
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax_topk_ref``'s selection and weights; one kernel on CUDA."""
+    e = logits.shape[1]
+    if (_use_triton(logits) and libdevice is not None and e <= ROUTER_MAX_EXPERTS and top_k <= e
+            and top_k == _next_pow2(top_k) and logits.stride(1) == 1):
+        return _softmax_topk_triton(logits, top_k, renormalize)
+    return softmax_topk_ref(logits, top_k, renormalize)
+
+
+def record_routing(cache: torch.Tensor, slots: torch.Tensor, moe_index: int, ids: torch.Tensor) -> None:
+    """``cache[slots, moe_index] = ids`` (cast to the cache's dtype) in one kernel on CUDA."""
+    k = ids.shape[1]
+    if _use_triton(cache) and k == _next_pow2(k) and cache.is_contiguous():
+        _record_routing_triton(cache, slots, moe_index, ids)
+    else:
+        record_routing_ref(cache, slots, moe_index, ids)

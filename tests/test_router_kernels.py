@@ -1,0 +1,71 @@
+"""The router epilogue and routing-cache write kernels (kernels/router.py) against their references: under the
+Triton interpreter (TRITON_INTERPRET=1 with triton installed) and on a GPU (marked ``gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routereplay.kernels import router
+from routereplay.kernels.router import record_routing_ref, softmax_topk_ref
+from tests.test_fused import INTERPRET, requires_gpu
+
+interpret = pytest.mark.skipif(not INTERPRET, reason="interpreter tests need TRITON_INTERPRET=1 and triton")
+CASES = [(1, 128, 8, True), (7, 60, 2, False), (300, 8, 2, True), (33, 128, 1, False), (5, 512, 8, True)]
+
+
+def _check_topk(logits: torch.Tensor, k: int, renorm: bool) -> None:
+    ids, w = router._softmax_topk_triton(logits, k, renorm)
+    ref_ids, ref_w = softmax_topk_ref(logits, k, renorm)
+    # the same experts in the same (descending) order, the same weights up to the softmax sum's rounding
+    assert torch.equal(ids, ref_ids)
+    tol = dict(rtol=1e-6, atol=1e-7) if logits.dtype == torch.float32 else dict(rtol=8e-3, atol=0)
+    torch.testing.assert_close(w, ref_w, **tol)
+    assert w.dtype == torch.float32
+
+
+def _check_record(device: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randint(0, 200, (41, 3, 8), generator=g, dtype=torch.uint8).to(device)
+    slots = torch.tensor([5, 0, -1, 39, 17, -1, 2], device=device)
+    ids = torch.randint(0, 128, (7, 8), generator=g).to(device)
+    for moe_index, rows in ((1, ids), (2, torch.arange(7, device=device)[:, None].expand(7, 8))):  # debug: positions
+        want = cache.clone()
+        record_routing_ref(want, slots, moe_index, rows)
+        router._record_routing_triton(cache, slots, moe_index, rows)
+        assert torch.equal(cache, want)
+
+
+@interpret
+@pytest.mark.parametrize("n,e,k,renorm", CASES)
+def test_interp_softmax_topk(n, e, k, renorm):
+    logits = torch.randn(n, e, generator=torch.Generator().manual_seed(n + e))
+    _check_topk(logits, k, renorm)
+
+
+@interpret
+def test_interp_softmax_topk_ties_go_to_the_lower_expert():
+    logits = torch.zeros(2, 16)
+    logits[0, [3, 9, 12]] = 1.0
+    ids, _ = router._softmax_topk_triton(logits, 2, True)
+    assert ids.tolist() == [[3, 9], [0, 1]]
+
+
+@interpret
+def test_interp_record_routing():
+    _check_record("cpu")
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,e,k,renorm", CASES)
+def test_gpu_softmax_topk(n, e, k, renorm, dtype):
+    logits = torch.randn(n, e, generator=torch.Generator().manual_seed(n + e)).to("cuda", dtype)
+    _check_topk(logits, k, renorm)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_record_routing():
+    _check_record("cuda")
