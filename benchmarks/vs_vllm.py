@@ -1,0 +1,275 @@
+"""This engine and vLLM side by side on the same saved weights, each in its own process.
+
+  python benchmarks/vs_vllm.py write --dir /tmp/ckpt --layers 8         # transformers writes the checkpoint
+  python benchmarks/vs_vllm.py run --engine routereplay --dir /tmp/ckpt --json ours.json
+  PYTHONPATH=/tmp/site python benchmarks/vs_vllm.py run --engine vllm --dir /tmp/ckpt --json vllm.json
+  python benchmarks/vs_vllm.py table ours.json vllm.json [ours_off.json vllm_off.json]
+
+The checkpoint is Qwen3-30B-A3B's width (128 experts, top-8) with fewer layers, random weights from
+transformers' own initialisation, saved by ``save_pretrained``: both engines read the same safetensors files
+(vLLM's dummy weights are uniform in +-1e-3 and route differently, so its dummy speed is not comparable).
+Every request's routing is returned (``--routing on``) or capture is off engine-wide (``--routing off``,
+vLLM's ``enable_return_routed_experts=False``). Rows, all temperature 1.0 with ``ignore_eos`` so both engines
+generate exactly the same number of tokens:
+
+  a  128 prompts x 512 in / 512 out (run twice: the first pass in the process, then the second)
+  b  RL: 64 prompts x 16 samples (n=16), 1,024 in / 4,096 out
+  c  512 prompts x 256 in / 2,048 out
+  d  batch 1, 512 in: ms per output token after the first, (t(1 + n) - t(1)) / n
+  agree  greedy: 32 prompts x 256 in / 128 out; routing saved for the comparison in ``table``
+
+tok/s = generated tokens / wall time of one ``LLM.generate`` call holding every request of the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROWS = {  # prompts, samples per prompt, input tokens, output tokens
+    "a": (128, 1, 512, 512),
+    "b": (64, 16, 1024, 4096),
+    "c": (512, 1, 256, 2048),
+}
+AGREE = (32, 256, 128)
+BS1 = (512, 256)
+MAX_MODEL_LEN = 1024 + 4096 + 16
+MAX_NUM_SEQS = 1024
+MAX_BATCHED_TOKENS = 8192
+QWEN3_30B_A3B_WIDTH = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32,
+    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+    max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+    decoder_sparse_step=1, mlp_only_layers=[],
+)
+
+
+def write(args) -> None:
+    """A Qwen3-MoE checkpoint written by transformers (initialised on the GPU when there is one)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3_moe", num_hidden_layers=args.layers, **QWEN3_30B_A3B_WIDTH)
+    cfg.architectures = ["Qwen3MoeForCausalLM"]  # without it vLLM takes the model for a pooling model
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(args.dir, max_shard_size="4GB")
+    print(f"wrote {args.layers}-layer checkpoint to {args.dir} in {time.perf_counter() - t:.1f} s", flush=True)
+
+
+def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1000, 100000, size=(n, length)).tolist()
+
+
+class Ours:
+    name = "routereplay"
+
+    def __init__(self, model_dir: str, routing: bool, util: float) -> None:
+        from routereplay import LLM
+
+        self.llm = LLM(model_dir, dtype="bfloat16", routing_replay={"enable": routing},
+                       max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+                       max_num_batched_tokens=MAX_BATCHED_TOKENS, gpu_memory_utilization=util)
+        self.routing = routing
+
+    def version(self) -> str:
+        import routereplay
+
+        return getattr(routereplay, "__version__", "main")
+
+    def generate(self, prompts, n, max_tokens, temperature):
+        from routereplay import SamplingParams
+
+        sp = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                            return_routed_experts=self.routing)
+        outs = self.llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
+        return [[(c.token_ids, c.routed_experts) for c in o.outputs] for o in outs]
+
+
+class VLLM:
+    name = "vllm"
+
+    def __init__(self, model_dir: str, routing: bool, util: float) -> None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not installed beside it
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # a failed run frees the GPU with the process
+        from vllm import LLM
+
+        self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16", runner="generate",
+                       enable_return_routed_experts=routing, max_num_seqs=MAX_NUM_SEQS,
+                       max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=MAX_BATCHED_TOKENS,
+                       gpu_memory_utilization=util, enable_prefix_caching=True)
+        self.routing = routing
+
+    def version(self) -> str:
+        import vllm
+
+        return vllm.__version__
+
+    def generate(self, prompts, n, max_tokens, temperature):
+        from vllm import SamplingParams
+
+        sp = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [[(list(c.token_ids), getattr(c, "routed_experts", None)) for c in o.outputs] for o in outs]
+
+
+def triton_cache_entries() -> int:
+    """Kernels Triton has compiled into its on-disk cache (one folder each): growth during a pass = JIT work."""
+    d = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+    return len(os.listdir(d)) if os.path.isdir(d) else 0
+
+
+def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list]:
+    import torch
+
+    torch.cuda.synchronize()
+    compiled = triton_cache_entries()
+    t = time.perf_counter()
+    outs = engine.generate(prompts, n, max_tokens, temperature)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    tokens = sum(len(ids) for o in outs for ids, _ in o)
+    expected = len(prompts) * n * max_tokens
+    if tokens != expected:
+        raise RuntimeError(f"{engine.name} generated {tokens} tokens, expected {expected}")
+    if engine.routing:
+        missing = sum(r is None for o in outs for _, r in o)
+        if missing:
+            raise RuntimeError(f"{engine.name}: {missing} outputs without routed_experts")
+    return seconds, outs, triton_cache_entries() - compiled
+
+
+def run(args) -> None:
+    import torch
+
+    t0 = time.perf_counter()
+    routing = args.routing == "on"
+    engine = (Ours if args.engine == "routereplay" else VLLM)(args.dir, routing, args.gpu_memory_utilization)
+    res = dict(engine=engine.name, version=engine.version(), routing=args.routing, start_s=time.perf_counter() - t0,
+               gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+               layers=json.load(open(os.path.join(args.dir, "config.json")))["num_hidden_layers"], rows={})
+    print(f"{engine.name} routing {args.routing}: started in {res['start_s']:.1f} s", flush=True)
+
+    def record(name: str, seconds: float, tokens: int, compiled: int, **extra) -> None:
+        res["rows"][name] = dict(seconds=seconds, out_tok_s=tokens / seconds, triton_compiles=compiled, **extra)
+        print(f"  {name}: {tokens / seconds:,.0f} tok/s ({seconds:.1f} s, {compiled} Triton compiles) {extra}",
+              flush=True)
+        json.dump(res, open(args.json, "w"), indent=1)
+
+    for row in args.rows.split(","):
+        if row in ROWS:
+            num, n, inp, out = ROWS[row]
+            out = int(out * args.output_scale) if row == "b" else out
+            prompts = prompts_for(num, inp, seed=ord(row))
+            passes = 2 if row == "a" else 1
+            for i in range(passes):
+                s, _, compiled = timed(engine, prompts, n, out)
+                record(f"{row}{'' if passes == 1 else f'_pass{i + 1}'}", s, num * n * out, compiled,
+                       shape=f"{num}x{n} {inp}/{out}")
+        elif row == "d":
+            inp, out = BS1
+            p = prompts_for(1, inp, seed=4)
+            timed(engine, p, 1, 8)  # warm
+            t1, _, _ = timed(engine, p, 1, 1)
+            tn, _, compiled = timed(engine, p, 1, 1 + out)
+            res["rows"]["d"] = dict(ms_per_token=(tn - t1) / out * 1e3, ttft_ms=t1 * 1e3, triton_compiles=compiled)
+            print(f"  d: {res['rows']['d']}", flush=True)
+            json.dump(res, open(args.json, "w"), indent=1)
+        elif row == "agree":
+            num, inp, out = AGREE
+            _, outs, _ = timed(engine, prompts_for(num, inp, seed=5), 1, out, temperature=0.0)
+            np.savez_compressed(args.json.replace(".json", "_routing.npz"), **{
+                f"tokens{i}": np.asarray(o[0][0]) for i, o in enumerate(outs)}, **{
+                f"routing{i}": np.asarray(o[0][1]) for i, o in enumerate(outs) if o[0][1] is not None})
+            print("  agree: routing saved", flush=True)
+        else:
+            raise SystemExit(f"unknown row {row!r}")
+    json.dump(res, open(args.json, "w"), indent=1)
+
+
+def agreement(a_npz: str, b_npz: str) -> tuple[float, int]:
+    """Share of (token, layer) whose top-k expert SETS agree, over prompt tokens and the generated tokens
+    before the two greedy rollouts first differ (after that they route different text)."""
+    a, b = np.load(a_npz), np.load(b_npz)
+    same = total = 0
+    prompt = AGREE[1]
+    for i in range(AGREE[0]):
+        if f"routing{i}" not in a or f"routing{i}" not in b:
+            continue
+        ta, tb = a[f"tokens{i}"], b[f"tokens{i}"]
+        diverge = next((j for j in range(min(len(ta), len(tb))) if ta[j] != tb[j]), min(len(ta), len(tb)))
+        rows = prompt + diverge  # row t routes token t; rows past the divergence route different tokens
+        ra, rb = np.sort(a[f"routing{i}"][:rows], -1), np.sort(b[f"routing{i}"][:rows], -1)
+        same += int((ra == rb).all(-1).sum())
+        total += ra.shape[0] * ra.shape[1]
+    return same / max(total, 1), total
+
+
+def table(args) -> None:
+    runs = [json.load(open(p)) for p in args.files]
+    by = {(r["engine"], r["routing"]): r for r in runs}
+    ours, theirs = by.get(("routereplay", "on")), by.get(("vllm", "on"))
+    first = next(iter(runs))
+    print(f"## {first['gpu']}, torch {first['torch']}, {first['date']}: Qwen3-30B-A3B width, {first['layers']} layers,"
+          f" bf16, saved weights; routereplay {ours and ours['version']} vs vLLM {theirs and theirs['version']}\n")
+    print("| row | routereplay tok/s | vLLM tok/s | ratio | routereplay on/off | vLLM on/off |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    def tok(row: str, engine: str, routing: str) -> float | None:
+        r = by.get((engine, routing))
+        return r["rows"][row]["out_tok_s"] if r and row in r["rows"] else None
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:,.0f}"
+
+    def ratio(x: float | None, y: float | None) -> str:
+        return "-" if x is None or y is None else f"{x / y:.3f}"
+
+    for k in sorted({k for r in runs for k in r["rows"] if k != "d"}):
+        o, v, oo, vo = (tok(k, e, rt) for e, rt in (("routereplay", "on"), ("vllm", "on"), ("routereplay", "off"),
+                                                     ("vllm", "off")))
+        shape = next(r["rows"][k].get("shape", "") for r in runs if k in r["rows"])
+        print(f"| {k} ({shape}) | {num(o)} | {num(v)} | {ratio(o, v)} | {ratio(o, oo)} | {ratio(v, vo)} |")
+    for engine_routing, r in by.items():
+        if "d" in r["rows"]:
+            print(f"\nbatch 1, {engine_routing}: {r['rows']['d']['ms_per_token']:.2f} ms per token "
+                  f"(TTFT {r['rows']['d']['ttft_ms']:.0f} ms)", end="")
+    print("\n\nstart-up: " + ", ".join(f"{e} routing {rt} {r['start_s']:.1f} s" for (e, rt), r in by.items()))
+    compiles = {f"{e}/{rt}": {k: v.get("triton_compiles") for k, v in r["rows"].items()} for (e, rt), r in by.items()}
+    print(f"Triton compiles during each row: {compiles}")
+    pa = [p.replace(".json", "_routing.npz") for p in args.files]
+    npz = {(r["engine"], r["routing"]): p for r, p in zip(runs, pa, strict=True) if os.path.exists(p)}
+    if ("routereplay", "on") in npz and ("vllm", "on") in npz:
+        share, n = agreement(npz[("routereplay", "on")], npz[("vllm", "on")])
+        print(f"greedy routing agreement (top-k sets equal): {share:.4f} of {n} (token, layer) pairs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("--dir", required=True)
+    w.add_argument("--layers", type=int, default=8)
+    r = sub.add_parser("run")
+    r.add_argument("--engine", choices=("routereplay", "vllm"), required=True)
+    r.add_argument("--dir", required=True)
+    r.add_argument("--routing", choices=("on", "off"), default="on")
+    r.add_argument("--rows", default="a,d,agree,c,b")
+    r.add_argument("--output-scale", type=float, default=1.0, help="row b's output length times this")
+    r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    r.add_argument("--json", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("files", nargs="+")
+    args = ap.parse_args()
+    {"write": write, "run": run, "table": table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
