@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -98,6 +99,90 @@ def read_hf_config(model_dir: str):
         raise ValueError(f"cannot parse {path}: {e}") from e
 
 
+DEFAULT_FP8_BLOCK = (128, 128)  # weight_block_size of the shipped FP8 checkpoints; on-the-fly quantization's default
+# quantization_config keys we understand (transformers' FineGrainedFP8Config as saved, DeepSeek's `fmt`, MiniMax's
+# `ignored_layers`); any other key may change what the tensors mean, so it is refused rather than ignored
+_FP8_KEYS = {"quant_method", "weight_block_size", "activation_scheme", "fmt", "scale_fmt", "modules_to_not_convert",
+             "ignored_layers", "modules_to_convert", "dequantize", "expert_dtype"}
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Config:
+    """Block-FP8 weights: e4m3 with an fp32 ``weight_scale_inv`` per (block_n x block_k) block, activations
+    quantized per token per group of block_k as they enter each GEMM (the "dynamic" scheme)."""
+
+    block: tuple[int, int]
+    prequantized: bool  # the checkpoint ships e4m3 weights; else every converted weight is quantized as it loads
+    not_converted: tuple[str, ...] = ()  # modules_to_not_convert: these modules keep the checkpoint's dtype
+
+    def converts(self, module: str) -> bool:
+        """transformers' rule: a pattern names a module from the start up to a module boundary (also as a regex:
+        "model.layers.1" is not "model.layers.11"), or as a suffix."""
+        return not any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", module) or module.endswith(p)
+                       for p in self.not_converted)
+
+
+def parse_fp8_config(qc: object, where: str, prequantized: bool) -> Fp8Config:
+    """Validate a quantization_config (the checkpoint's, or the `quantization` option's dict form)."""
+    if not isinstance(qc, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(qc).__name__}")
+    unknown = sorted(set(qc) - _FP8_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unsupported field(s) {unknown}; supported: {sorted(_FP8_KEYS)}")
+    supported = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "scale_fmt": "float",
+                 "expert_dtype": "fp8", "dequantize": False}
+    for key, want in supported.items():
+        got = qc.get(key, want)
+        if isinstance(got, str) and isinstance(want, str):
+            got = got.lower()
+        if got != want:
+            raise ValueError(f"{where}.{key} = {qc[key]!r} is not supported (only {want!r}: block-quantized e4m3 "
+                             "weights with fp32 weight_scale_inv, activations quantized dynamically per token group)")
+    if qc.get("modules_to_convert"):
+        raise ValueError(f"{where}.modules_to_convert is not supported (FP8 embeddings): {qc['modules_to_convert']!r}")
+    block = qc.get("weight_block_size")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"{where}.weight_block_size must be two positive integers [block_n, block_k], got {block!r}")
+    skip = []
+    for key in ("modules_to_not_convert", "ignored_layers"):
+        names = qc.get(key) or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where}.{key} must be a list of module names, got {names!r}")
+        for n in names:
+            try:
+                re.compile(n)
+            except re.error as e:
+                raise ValueError(f"{where}.{key} entry {n!r} is not a valid pattern: {e}") from None
+        skip += names
+    return Fp8Config(block=(block[0], block[1]), prequantized=prequantized, not_converted=tuple(skip))
+
+
+def derive_quantization(hf_config, family: Family, model_dir: str, requested: str | dict | None) -> Fp8Config | None:
+    """The checkpoint's quantization_config (FP8 checkpoints always run in FP8), else the `quantization` option:
+    "fp8" (blocks of DEFAULT_FP8_BLOCK) or a quantization_config-style dict (e.g. another weight_block_size)."""
+    if requested is not None and requested != "fp8" and not isinstance(requested, dict):
+        raise ValueError(f"quantization must be None, 'fp8' or a quantization_config dict, got {requested!r}")
+    shipped = getattr(hf_config, "quantization_config", None)
+    if shipped is not None and not isinstance(shipped, dict):
+        shipped = shipped.to_dict()
+    if shipped is not None:
+        quant = parse_fp8_config(shipped, f"quantization_config in {os.path.join(model_dir, 'config.json')}", True)
+        if isinstance(requested, dict) and parse_fp8_config(requested, "quantization", True) != quant:
+            raise ValueError(f"quantization {requested!r} differs from the checkpoint's quantization_config {shipped!r}"
+                             " (an FP8 checkpoint runs as it was quantized)")
+    elif requested is None:
+        return None
+    elif requested == "fp8":
+        quant = Fp8Config(block=DEFAULT_FP8_BLOCK, prequantized=False)
+    else:
+        quant = parse_fp8_config(requested, "quantization", False)
+    if not family.fp8:
+        raise ValueError(f"FP8 is not supported for {family.model_type} (its experts are not SwiGLU experts "
+                         "without biases)")
+    return quant
+
+
 @dataclass(slots=True)
 class ModelConfig:
     """Facts about a checkpoint, derived once from its config.json."""
@@ -116,9 +201,10 @@ class ModelConfig:
     vocab_size: int
     max_position_embeddings: int
     eos_token_ids: list[int]
+    quant: Fp8Config | None = None  # block-FP8 weights (a shipped FP8 checkpoint, or quantized as it loads)
 
     @classmethod
-    def from_dir(cls, model_dir: str) -> ModelConfig:
+    def from_dir(cls, model_dir: str, quantization: str | dict | None = None) -> ModelConfig:
         c = read_hf_config(model_dir)
         family = get_family(c.model_type)
         eos = c.eos_token_id
@@ -144,6 +230,7 @@ class ModelConfig:
             vocab_size=c.vocab_size,
             max_position_embeddings=getattr(c, "max_position_embeddings", 1 << 20),
             eos_token_ids=eos,
+            quant=derive_quantization(c, family, model_dir, quantization),
         )
 
     @property
@@ -173,6 +260,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights, only config.json is read (benchmarks)
     tensor_parallel_size: int = 1  # ranks on one host (one GPU each; gloo processes on CPU)
+    # None: as the checkpoint ships (FP8 if its config.json has an fp8 quantization_config); "fp8": quantize a
+    # bf16 checkpoint to block-FP8 as it loads; a dict: a quantization_config for that (e.g. weight_block_size)
+    quantization: str | dict | None = None
     seed: int = 0
     routing_replay: RoutingReplayConfig = field(default_factory=RoutingReplayConfig)
     model_config: ModelConfig = field(init=False)
@@ -194,7 +284,7 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        self.model_config = ModelConfig.from_dir(self.model)
+        self.model_config = ModelConfig.from_dir(self.model, self.quantization)
         limit = self.model_config.max_position_embeddings
         if self.max_model_len > limit:  # positions past it are outside what the model was trained on
             log.warning("max_model_len %d is above the model's max_position_embeddings %d: using %d",

@@ -144,8 +144,8 @@ def receive_weights(engine, group: WeightGroup | dist.ProcessGroup, names: list[
     try:
         if "weights" in engine.released:  # they would be written into freed storage
             raise ValueError("the weights are released: /resume_memory_occupation (tags weights) first")
-        check_update(engine.runner.model, [(n, torch.empty(s, device="meta")) for n, s in zip(names, shapes,
-                                                                                              strict=True)])
+        check_update(engine.runner.model, [(n, torch.empty(s, dtype=d, device="meta"))
+                                           for n, s, d in zip(names, shapes, dtypes, strict=True)])
         error = None
     except ValueError as e:
         error = e

@@ -9,6 +9,10 @@ Per token the cache holds only the normalised KV latent (``kv_lora_rank``) and t
   space, attention runs as MQA over the cached [latent | k_pe] rows, and the latent output goes through
   ``W_UV``. Exact, since ``q_nope . (W_UK c) = (W_UK^T q_nope) . c`` and ``sum_l p_l W_UV c_l = W_UV sum_l p_l c_l``.
 
+With block-FP8 projections the absorbed path uses the dequantized ``kv_b_proj`` and rounds the cached latents
+through the same per-token-group e4m3 quantization that ``kv_b_proj``'s FP8 GEMM applies to them when
+decompressing, so both paths still compute the same attention.
+
 Both paths are plain PyTorch (the CPU path); there are no Triton kernels for MLA yet. The decode path makes
 no host sync (its key length is the block table's width), the prefill path loops over sequences.
 Parameter names equal transformers' ``DeepseekV3Attention``.
@@ -23,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from routereplay.context import get_context
+from routereplay.kernels.fp8 import dequantize_block_weight, quantize_per_token_group
 from routereplay.kernels.fused import qk_norm_rope
 from routereplay.layers.norm import RMSNorm
-from routereplay.layers.parallel import TP, ColumnParallelLinear, RowParallelLinear
+from routereplay.layers.parallel import TP, ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from routereplay.layers.rotary import Rotary
 
 _LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps
@@ -61,10 +66,10 @@ class MLAttention(nn.Module):
         if self.q_rank is None:
             self.q_proj = ColumnParallelLinear(c.hidden_size, heads * self.qk_dim)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, self.q_rank, bias=bias)
+            self.q_a_proj = ReplicatedLinear(c.hidden_size, self.q_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_rank, _LATENT_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(self.q_rank, heads * self.qk_dim)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, self.kv_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, _LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(self.kv_rank, heads * (self.nope_dim + self.v_dim))
         self.o_proj = RowParallelLinear(heads * self.v_dim, c.hidden_size, bias=bias)
@@ -78,9 +83,21 @@ class MLAttention(nn.Module):
 
     # ---- projections ------------------------------------------------------------------------------
     def _w_kv_b(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, nope, rank] and W_UV [H, v, rank] (views of kv_b_proj's weight)."""
-        w = self.kv_b_proj.weight.to(dtype).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        """W_UK [H, nope, rank] and W_UV [H, v, rank] (views of kv_b_proj's weight, dequantized if FP8)."""
+        proj = self.kv_b_proj
+        if proj.block is None:
+            w = proj.weight.to(dtype)
+        else:
+            w = dequantize_block_weight(proj.weight, proj.weight_scale_inv, proj.block, dtype)
+        w = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def _as_kv_b_input(self, rows: torch.Tensor) -> torch.Tensor:
+        """Cached rows with the latent part as an FP8 kv_b_proj sees it: rounded per token group of block_k."""
+        group = self.kv_b_proj.block[1]
+        q, s = quantize_per_token_group(rows[..., : self.kv_rank], group)
+        latent = q.float() * s.repeat_interleave(group, dim=-1)[..., : self.kv_rank]
+        return torch.cat((latent, rows[..., self.kv_rank :]), dim=-1)
 
     def _decompress(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached rows [L, rank + rope] -> keys [L, H, qk_dim] and values [L, H, v]."""
@@ -163,6 +180,8 @@ class MLAttention(nn.Module):
         pos = torch.arange(width, device=q_nope.device).expand(b, width)
         valid = pos < ctx.context_lens.long()[:, None]
         rows = self._gather(ctx.block_tables, torch.where(valid, pos, 0)).float()  # [B, L, rank + rope]
+        if self.kv_b_proj.block is not None:
+            rows = self._as_kv_b_input(rows)
         scores = torch.einsum("bhc,blc->bhl", q_full, rows) * self.scale
         probs = torch.softmax(scores.masked_fill(~valid[:, None, :], float("-inf")), dim=-1).nan_to_num_(0.0)
         o_lat = torch.einsum("bhl,blr->bhr", probs, rows[..., : self.kv_rank])

@@ -32,6 +32,7 @@ class Family:
     # their own; the module must offer `cache_spec()` (attention) / the Experts call signature.
     make_attention: Callable[[object, int], nn.Module] | None = None
     make_experts: Callable[[object], nn.Module] | None = None
+    fp8: bool = True  # block-FP8 weights supported (the standard linears and SwiGLU experts)
     renames_compiled: tuple = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:

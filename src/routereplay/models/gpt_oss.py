@@ -18,4 +18,5 @@ FAMILY = Family(
     make_attention=GptOssAttention,
     make_experts=GptOssExperts,
     renames=((r"\.mlp\.router\.", ".mlp.gate."),),
+    fp8=False,  # ships MXFP4 experts; its biased, clamped experts have no FP8 path
 )

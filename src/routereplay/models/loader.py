@@ -2,8 +2,14 @@
 
 Names are translated to our (= transformers runtime) parameter names; per-expert checkpoint tensors
 are placed into the fused expert tensors; under tensor parallelism each rank copies only its slice.
-Every name and shape is checked against the model BEFORE any parameter is written, so a bad
+Every name, shape and dtype is checked against the model BEFORE any parameter is written, so a bad
 checkpoint or a bad sync leaves the model untouched.
+
+Block-FP8 models: an e4m3 ``X.weight`` is copied with its ``X.weight_scale_inv`` (per-expert ones fused like
+the weights: ``experts.gate_up_proj_scale_inv``, ``experts.down_proj_scale_inv``); a float tensor for an e4m3
+parameter (a bf16 checkpoint quantized as it loads, or a trainer's update) is quantized into the weight and
+its scale in place, per rank after slicing (shards start on block boundaries, so this equals slicing the
+quantized whole). Scales must be finite and positive.
 """
 
 from __future__ import annotations
@@ -17,9 +23,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from routereplay.kernels.fp8 import FP8_DTYPE, quantize_block_weight
 from routereplay.layers.parallel import TP, shard_range
 
-_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+)\.(weight|weight_scale_inv)$")
+SCALE = "_scale_inv"  # X.weight -> X.weight_scale_inv, experts.gate_up_proj -> experts.gate_up_proj_scale_inv
+# safetensors header dtypes we may meet
+_DTYPES = {"F8_E4M3": FP8_DTYPE, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
+           "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+           "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 
 
 def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,7 +51,16 @@ def translate(model: nn.Module, name: str) -> tuple[str, tuple[int, str] | None]
     parts = {gate: "gate", up: "up", down: "down"}
     if part not in parts:
         return name, None
-    return f"{prefix}.{'down_proj' if part == down else 'gate_up_proj'}", (expert, parts[part])
+    scale = SCALE if m.group(4) == "weight_scale_inv" else ""
+    return f"{prefix}.{'down_proj' if part == down else 'gate_up_proj'}{scale}", (expert, parts[part])
+
+
+def _fused(name: str) -> str | None:
+    """"gate_up" / "down" for the fused expert tensors (and their FP8 scales), else None."""
+    for kind in ("gate_up", "down"):
+        if name.endswith((f"experts.{kind}_proj", f"experts.{kind}_proj{SCALE}")):
+            return kind
+    return None
 
 
 def _full_shape(name: str, target: torch.Tensor, shard) -> tuple[int, ...]:
@@ -47,9 +68,9 @@ def _full_shape(name: str, target: torch.Tensor, shard) -> tuple[int, ...]:
     shape = list(target.shape)
     if getattr(target, "tp_dim", None) is not None:  # marked where it is made (GPT-OSS experts too)
         shape[target.tp_dim] *= TP.size
-    elif name.endswith("experts.gate_up_proj"):
+    elif _fused(name) == "gate_up":
         shape[1] *= TP.size
-    elif name.endswith("experts.down_proj"):
+    elif _fused(name) == "down":
         shape[2] *= TP.size
     if shard is None:
         return tuple(shape)
@@ -57,60 +78,112 @@ def _full_shape(name: str, target: torch.Tensor, shard) -> tuple[int, ...]:
     return tuple(shape[1:]) if part == "down" else (shape[1] // 2, *shape[2:])
 
 
-def _local(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(destination view in the parameter, this rank's slice of the source tensor)."""
+def _dst(name: str, target: torch.Tensor, shard) -> torch.Tensor:
+    """The view of the parameter that a source tensor (one expert's gate, up or down, or all of it) fills."""
+    if shard is None or _fused(name) is None:
+        return target
+    expert, part = shard
+    if part == "down":
+        return target[expert]
+    half = target.shape[1] // 2  # local rows of gate (and of up)
+    return target[expert, :half] if part == "gate" else target[expert, half:]
+
+
+def _src(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of the source tensor."""
     dim = getattr(target, "tp_dim", None)
     if dim is not None:  # marked where it is made (GPT-OSS experts too)
         s, e = shard_range(target.shape[dim] * TP.size)
-        return target, tensor.narrow(dim, s, e - s)
-    if name.endswith("experts.gate_up_proj"):
-        inter = target.shape[1] // 2  # local rows of gate (and of up)
-        s, e = shard_range(inter * TP.size)
+        return tensor.narrow(dim, s, e - s)
+    kind = _fused(name)
+    if kind == "gate_up":
+        s, e = shard_range(target.shape[1] // 2 * TP.size)
         if shard is None:  # fused runtime tensor [E, 2I, H] from a trainer
             full = tensor.shape[1] // 2
-            return target, torch.cat((tensor[:, s:e], tensor[:, full + s : full + e]), dim=1)
-        expert, part = shard
-        rows = slice(0, inter) if part == "gate" else slice(inter, 2 * inter)
-        return target[expert, rows], tensor[s:e]
-    if name.endswith("experts.down_proj"):
+            return torch.cat((tensor[:, s:e], tensor[:, full + s : full + e]), dim=1)
+        return tensor[s:e]
+    if kind == "down":
         s, e = shard_range(target.shape[2] * TP.size)
-        if shard is None:
-            return target, tensor[:, :, s:e]
-        return target[shard[0]], tensor[:, s:e]
-    return target, tensor
+        return tensor[:, :, s:e] if shard is None else tensor[:, s:e]
+    return tensor
 
 
-def _check(model, items: Iterable[tuple[str, tuple[int, ...]]], where: str, strict: bool):
-    """Validate names and shapes; return the plan [(source name, runtime name, shard)]."""
+def _quantizes(src: str, target: torch.Tensor, dtype: torch.dtype, where: str, fp8_checkpoint: bool) -> bool:
+    """Whether ``src`` is quantized into an e4m3 target (else copied); refuse a dtype that does not fit."""
+    if target.dtype == FP8_DTYPE:
+        if dtype == FP8_DTYPE:
+            return False
+        if dtype.is_floating_point and dtype.itemsize > 1 and not fp8_checkpoint:
+            return True
+        if dtype.is_floating_point and dtype.itemsize > 1:
+            raise ValueError(f"{src!r} in {where} is {dtype}, but the checkpoint's quantization_config converts its "
+                             f"module: expected {FP8_DTYPE} with a weight_scale_inv (modules kept in higher "
+                             "precision are listed in modules_to_not_convert)")
+        raise ValueError(f"{src!r} in {where} is {dtype}: expected {FP8_DTYPE}, or a float tensor to quantize")
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        raise ValueError(f"{src!r} in {where} is {dtype}, but its module is not quantized (routers, norms, "
+                         "embeddings, the LM head and modules_to_not_convert keep their dtype)")
+    if src.endswith(SCALE) and not dtype.is_floating_point:
+        raise ValueError(f"{src!r} in {where} is {dtype}: a weight_scale_inv must be float32 (or bf16 / fp16)")
+    return False
+
+
+def check_scale(src: str, tensor: torch.Tensor, where: str) -> None:
+    """Block scales must be finite and positive: anything else silently zeroes, flips or NaNs a block."""
+    bad = ~(torch.isfinite(tensor) & (tensor > 0))
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{src!r} in {where}: weight_scale_inv must be finite and > 0, found {int(bad.sum())} bad "
+                         f"value(s) (first {tensor[first].item()} at block {list(first)})")
+
+
+def _covers(name: str, target: torch.Tensor, shard) -> list[tuple]:
+    """The (name, expert, part) units a source tensor fills; a fused expert tensor fills every expert's."""
+    kind = _fused(name)
+    if shard is None and kind is not None:
+        parts = ("gate", "up") if kind == "gate_up" else ("down",)
+        return [(name, e, p) for e in range(target.shape[0]) for p in parts]
+    return [(name, *(shard or (None, None)))]
+
+
+def _check(model, items: Iterable[tuple[str, tuple[int, ...], torch.dtype]], where: str, strict: bool,
+           fp8_checkpoint: bool = False):
+    """Validate names, shapes and dtypes; return the plan [(source name, runtime name, shard, quantize)]."""
     targets = _targets(model)
     hf_config = model.hf_config
     plan, covered = [], set()
-    for src, shape in items:
+    for src, shape, dtype in items:
         if model.family.ignore(hf_config, src):
             continue
         name, shard = translate(model, src)
         if name == "lm_head.weight" and hf_config.tie_word_embeddings:
             continue  # tied to the embedding, which is loaded under its own name
         if name not in targets:
-            raise ValueError(f"unexpected tensor {src!r} in {where} (no such parameter in {model.family.model_type})")
+            why = " (its module is not quantized)" if name.endswith(SCALE) else ""
+            raise ValueError(f"unexpected tensor {src!r} in {where} (no such parameter in "
+                             f"{model.family.model_type}{why})")
         expected = _full_shape(name, targets[name], shard)
         if tuple(shape) != expected:
-            raise ValueError(f"shape mismatch for {src!r} in {where}: expected {list(expected)}, found {list(shape)}")
-        plan.append((src, name, shard))
-        if shard is None and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
-            covered.update((name, e, p) for e in range(targets[name].shape[0]) for p in parts)
-        else:
-            covered.add((name, *(shard or (None, None))))
+            why = ""
+            if name.endswith(SCALE):
+                weight = targets[name.removesuffix(SCALE)]
+                why = (f" (one scale per {list(weight.block)} block of the weight "
+                       f"{list(_full_shape(name.removesuffix(SCALE), weight, shard))})")
+            raise ValueError(f"shape mismatch for {src!r} in {where}: expected {list(expected)}, found "
+                             f"{list(shape)}{why}")
+        quantize = _quantizes(src, targets[name], dtype, where, fp8_checkpoint)
+        plan.append((src, name, shard, quantize))
+        covered.update(_covers(name, targets[name], shard))
+        if quantize:
+            covered.update(_covers(name + SCALE, targets[name + SCALE], shard))
     if strict:
         missing = []
         for name, t in targets.items():
             if name == "lm_head.weight" and hf_config.tie_word_embeddings:
                 continue
-            if name.endswith("experts.gate_up_proj"):
-                need = [(name, e, p) for e in range(t.shape[0]) for p in ("gate", "up")]
-            elif name.endswith("experts.down_proj"):
-                need = [(name, e, "down") for e in range(t.shape[0])]
+            kind = _fused(name)
+            if kind is not None:
+                need = _covers(name, t, None)
             else:
                 need = [(name, None, None)]
             missing += [n for n in need if n not in covered]
@@ -122,9 +195,15 @@ def _check(model, items: Iterable[tuple[str, tuple[int, ...]]], where: str, stri
 
 
 @torch.no_grad()
-def _copy(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> None:
-    dst, src = _local(name, target, shard, tensor)
-    dst.copy_(src)
+def _write(targets: dict[str, torch.Tensor], name: str, shard, quantize: bool, tensor: torch.Tensor) -> None:
+    target = targets[name]
+    src = _src(name, target, shard, tensor)
+    if not quantize:
+        _dst(name, target, shard).copy_(src)
+        return
+    weight, scale = quantize_block_weight(src.to(target.device), target.block)
+    _dst(name, target, shard).copy_(weight)
+    _dst(name + SCALE, targets[name + SCALE], shard).copy_(scale)
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
@@ -140,24 +219,36 @@ def checkpoint_files(model_dir: str) -> list[str]:
 
 
 def load_checkpoint(model: nn.Module, model_dir: str) -> None:
-    """Load every tensor of the checkpoint; fail (before writing anything) on a missing,
-    unexpected or misshapen tensor."""
+    """Load every tensor of the checkpoint; fail (before writing anything) on a missing, unexpected,
+    misshapen or mistyped tensor, or a bad FP8 scale."""
     files = checkpoint_files(model_dir)
-    shapes, owner = [], {}
+    items, owner = [], {}
     for path in files:
         with safe_open(path, "pt") as f:
             for key in f.keys():
-                shapes.append((key, tuple(f.get_slice(key).get_shape())))
+                sl = f.get_slice(key)
+                dtype = _DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise ValueError(f"{key!r} in {model_dir} has unsupported dtype {sl.get_dtype()}")
+                items.append((key, tuple(sl.get_shape()), dtype))
                 owner[key] = path
-    plan = _check(model, shapes, model_dir, strict=True)
-    targets = _targets(model)
+    quant = getattr(model, "quant", None)
+    plan = _check(model, items, model_dir, strict=True, fp8_checkpoint=quant is not None and quant.prequantized)
     by_file: dict[str, list] = {}
-    for src, name, shard in plan:
-        by_file.setdefault(owner[src], []).append((src, name, shard))
+    for entry in plan:
+        by_file.setdefault(owner[entry[0]], []).append(entry)
+    scales = {}  # read and checked before anything is written (small: one value per block)
     for path, entries in by_file.items():
         with safe_open(path, "pt") as f:
-            for src, name, shard in entries:
-                _copy(name, targets[name], shard, f.get_tensor(src))
+            for src, name, _, _ in entries:
+                if name.endswith(SCALE):
+                    scales[src] = f.get_tensor(src)
+                    check_scale(src, scales[src], model_dir)
+    targets = _targets(model)
+    for path, entries in by_file.items():
+        with safe_open(path, "pt") as f:
+            for src, name, shard, quantize in entries:
+                _write(targets, name, shard, quantize, scales[src] if src in scales else f.get_tensor(src))
 
 
 def checkpoint_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -169,8 +260,17 @@ def checkpoint_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def check_update(model: nn.Module, items: list[tuple[str, torch.Tensor]]) -> list:
-    """Raise ValueError naming the first unknown name or wrong shape; nothing is written."""
-    return _check(model, [(n, tuple(t.shape)) for n, t in items], "update_weights", strict=False)
+    """Raise ValueError naming the first unknown name, wrong shape or dtype, or bad FP8 scale; nothing is written.
+
+    Float tensors for FP8 parameters are quantized in place (a bf16 trainer's weights); e4m3 tensors are copied
+    as they are, with whatever weight_scale_inv the update also carries.
+    """
+    plan = _check(model, [(n, tuple(t.shape), t.dtype) for n, t in items], "update_weights", strict=False)
+    tensors = dict(items)
+    for src, name, _, _ in plan:
+        if name.endswith(SCALE) and not tensors[src].is_meta:
+            check_scale(src, tensors[src], "update_weights")
+    return plan
 
 
 WEIGHT_CHUNK_BYTES = 1 << 30  # weights received from elsewhere are written this much at a time: never held twice
@@ -198,6 +298,6 @@ def update_weights(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Te
     plan = check_update(model, items)
     tensors = dict(items)
     targets = _targets(model)
-    for src, name, shard in plan:
-        _copy(name, targets[name], shard, tensors[src])
+    for src, name, shard, quantize in plan:
+        _write(targets, name, shard, quantize, tensors[src])
     return len(plan)

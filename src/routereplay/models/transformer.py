@@ -1,8 +1,14 @@
 """The decoder shared by every family: embed -> [attention, dense MLP or MoE] x L -> norm -> lm_head.
 
 Module and parameter names equal transformers' runtime names (experts fused as gate_up_proj /
-down_proj), so a trainer's `named_parameters()` can be synced in without translation.
+down_proj), so a trainer's `named_parameters()` can be synced in without translation. With block-FP8
+(`quant`), each decoder layer's linears and routed experts that the checkpoint converts hold e4m3 weights
+beside their `weight_scale_inv`; routers, norms, gates, embeddings and the LM head keep the model dtype.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,8 +18,23 @@ from routereplay.layers.attention import Attention
 from routereplay.layers.mlp import MLP
 from routereplay.layers.moe import Experts, SparseMoE
 from routereplay.layers.norm import RMSNorm
-from routereplay.layers.parallel import ColumnParallelLinear, VocabParallelEmbedding, gather_last_dim
+from routereplay.layers.parallel import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    VocabParallelEmbedding,
+    gather_last_dim,
+)
 from routereplay.models.family import Family
+
+if TYPE_CHECKING:
+    from routereplay.config import Fp8Config
+
+
+def to_fp8_(layer: nn.Module, prefix: str, quant: Fp8Config) -> None:
+    """Block-FP8 for every linear and routed-expert module of ``layer`` that ``quant`` converts (by module name)."""
+    for name, module in layer.named_modules(prefix=prefix):
+        if isinstance(module, (ReplicatedLinear, Experts)) and quant.converts(name):
+            module.to_fp8_(quant.block, name)
 
 
 class DecoderLayer(nn.Module):
@@ -60,13 +81,16 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, family: Family, c, moe_layer_ids: list[int]) -> None:
+    def __init__(self, family: Family, c, moe_layer_ids: list[int], quant: Fp8Config | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size)
         moe_index = {layer: j for j, layer in enumerate(moe_layer_ids)}
-        self.layers = nn.ModuleList(
-            DecoderLayer(family, c, i, moe_index.get(i)) for i in range(c.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList()
+        for i in range(c.num_hidden_layers):
+            layer = DecoderLayer(family, c, i, moe_index.get(i))
+            if quant is not None:  # layer by layer: the model never holds all its weights in both dtypes
+                to_fp8_(layer, f"model.layers.{i}", quant)
+            self.layers.append(layer)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -86,11 +110,12 @@ class MoECausalLM(nn.Module):
     The token layout, positions and KV slots come from the forward context (routereplay.context).
     """
 
-    def __init__(self, family: Family, hf_config, moe_layer_ids: list[int]) -> None:
+    def __init__(self, family: Family, hf_config, moe_layer_ids: list[int], quant: Fp8Config | None = None) -> None:
         super().__init__()
         self.family = family
         self.hf_config = hf_config
-        self.model = Backbone(family, hf_config, moe_layer_ids)
+        self.quant = quant
+        self.model = Backbone(family, hf_config, moe_layer_ids, quant)
         # Vocab-parallel when the embedding is (its rows and the head's rows are the same split).
         if self.model.embed_tokens.sharded:
             self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size)
