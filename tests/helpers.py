@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 
 import torch
 
@@ -15,25 +18,65 @@ def tiny_checkpoint(root: str, model_type: str) -> str:
     return make_tiny_checkpoint(os.path.join(root, model_type), model_type)
 
 
-def reference_forward(model_dir: str, token_ids: list[int]):
+def reference_forward(model_dir: str, token_ids: list[int], fp8_checkpoint: str | None = None):
     """transformers' logits [T, V] and, per MoE layer, the expert sets its routers chose [T, L, K].
 
-    The ids are captured with forward hooks on the reference's own router modules.
+    The ids are captured with forward hooks on the reference's own router modules. With ``fp8_checkpoint``
+    (``model_dir`` then holds its dequantized weights), every GEMM with a weight that checkpoint quantizes sees
+    its input rounded per token group as the FP8 GEMMs round activations (`fp8_activations`).
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # fp8: the eager experts, which call F.linear per expert (the grouped_mm default does not)
+    extra = {"experts_implementation": "eager"} if fp8_checkpoint else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra).eval()
     chosen = []
     hooks = []
     for module in model.modules():
         name = type(module).__name__
         if name.endswith(("TopKRouter", "TopkRouter")):
             hooks.append(module.register_forward_hook(lambda m, i, o: chosen.append(o[2].detach().clone())))
-    with torch.no_grad():
+    rounding = fp8_activations(model, fp8_checkpoint) if fp8_checkpoint else contextlib.nullcontext()
+    with torch.no_grad(), rounding:
         logits = model(torch.tensor([token_ids])).logits[0]
     for h in hooks:
         h.remove()
     return logits, torch.stack(chosen, dim=1)  # [T, L, K]
+
+
+@contextlib.contextmanager
+def fp8_activations(model, fp8_checkpoint: str) -> Iterator[None]:
+    """Within: ``F.linear`` with a weight that ``fp8_checkpoint`` quantizes (an nn.Linear's, or a slice of a fused
+    expert tensor, as transformers' experts call it) first rounds its input through per-token-group e4m3
+    (groups of weight_block_size[1]), as the FP8 GEMMs do; every other F.linear (routers, LM head) is untouched."""
+    import json
+
+    from safetensors import safe_open
+
+    from routereplay.kernels.fp8 import quantize_per_token_group
+
+    group = json.load(open(os.path.join(fp8_checkpoint, "config.json")))["quantization_config"]["weight_block_size"][1]
+    with safe_open(os.path.join(fp8_checkpoint, "model.safetensors"), "pt") as f:
+        modules = {k.removesuffix(".weight_scale_inv") for k in f.keys() if k.endswith(".weight_scale_inv")}
+    # per-expert checkpoint modules -> transformers' fused expert tensors
+    names = {re.sub(r"\.experts\.\d+\.(gate|up)_proj$", ".experts.gate_up_proj",
+                    re.sub(r"\.experts\.\d+\.down_proj$", ".experts.down_proj", m)) for m in modules}
+    params = dict(model.named_parameters())
+    storages = {params[n if n.endswith("_proj") and ".experts." in n else n + ".weight"].untyped_storage().data_ptr()
+                for n in names}
+    plain = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        if weight.untyped_storage().data_ptr() in storages:
+            q, s = quantize_per_token_group(x, group)
+            x = q.float() * s.repeat_interleave(group, dim=-1)[..., : x.shape[-1]]
+        return plain(x, weight, bias)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = plain
 
 
 def assert_logprobs_match_full_forward(ref_model, prompts: list[list[int]], outs, atol: float = 1e-4) -> None:

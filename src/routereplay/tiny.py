@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import string
+from dataclasses import dataclass
 
 COMMON = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -84,3 +85,69 @@ def make_tiny_checkpoint(path: str, model_type: str = "qwen3_moe", seed: int = 0
     model.save_pretrained(path)
     make_tokenizer(path)
     return path
+
+
+# Tiny block-FP8 checkpoints. Blocks of 16 rows x 32 columns: 32 is the smallest K block (and activation group) the
+# Triton kernels take, and with these widths every tensor-parallel shard at TP=2 starts on a block boundary.
+FP8_BLOCK = (16, 32)
+FP8_WIDTHS = dict(intermediate_size=128, moe_intermediate_size=64)
+FP8_FAMILY_WIDTHS = {"deepseek_v3": dict(v_head_dim=16)}  # kv_b_proj / o_proj shards of whole blocks at TP=2
+# What each family's shipped config says beside the block size: Qwen3-*-FP8 lists lm_head and its routers in
+# modules_to_not_convert, DeepSeek-V3 lists nothing (with "fmt"), MiniMax-style checkpoints use `ignored_layers`
+# (used here for GLM). Qwen and GLM also keep one real projection unconverted, so bf16 beside FP8 is exercised.
+FP8_STYLE = {
+    "qwen3_moe": lambda moe_layers: {"modules_to_not_convert": [
+        "lm_head", *(f"model.layers.{i}.mlp.gate" for i in moe_layers), "model.layers.0.self_attn.o_proj"]},
+    "glm4_moe": lambda moe_layers: {"ignored_layers": ["model.layers.0.mlp"]},
+    "deepseek_v3": lambda moe_layers: {"fmt": "e4m3"},
+}
+
+
+@dataclass(frozen=True)
+class TinyFp8:
+    fp8: str  # e4m3 weights + weight_scale_inv, quantization_config in config.json: the shipped layout
+    reference: str  # the same model with the dequantized weights in fp32 and no quantization_config
+    original: str  # the unquantized checkpoint the FP8 one was made from
+
+
+def quantized_names(tensors: dict, not_converted) -> list[str]:
+    """The checkpoint weights shipped FP8 checkpoints quantize: every 2-D projection of a decoder layer (attention,
+    MLP, shared and routed experts); never routers (mlp.gate), norms, embeddings or the LM head."""
+    return sorted(n for n, t in tensors.items()
+                  if n.startswith("model.layers.") and n.endswith(".weight") and t.dim() == 2
+                  and not n.endswith("mlp.gate.weight") and not_converted(n.removesuffix(".weight")))
+
+
+def make_tiny_fp8_checkpoint(path: str, model_type: str = "qwen3_moe", block: tuple[int, int] = FP8_BLOCK,
+                             seed: int = 0) -> TinyFp8:
+    """Write (or reuse) a tiny FP8 checkpoint of ``model_type`` under ``path``: transformers' tiny random model,
+    each weight of `quantized_names` quantized into e4m3 + per-block fp32 ``weight_scale_inv`` and saved with
+    safetensors; beside it the dequantized-weights reference and the original."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from routereplay.config import Fp8Config, ModelConfig
+    from routereplay.kernels.fp8 import dequantize_block_weight, quantize_block_weight
+
+    out = TinyFp8(*(os.path.join(path, d) for d in ("fp8", "reference", "original")))
+    if all(os.path.exists(os.path.join(d, "config.json")) for d in (out.fp8, out.reference)):
+        return out
+    make_tiny_checkpoint(out.original, model_type, seed, **FP8_WIDTHS, **FP8_FAMILY_WIDTHS.get(model_type, {}))
+    style = FP8_STYLE[model_type](ModelConfig.from_dir(out.original).moe_layer_ids)
+    qc = {"activation_scheme": "dynamic", "quant_method": "fp8", "weight_block_size": list(block), **style}
+    skip = Fp8Config(block, True, tuple(style.get("modules_to_not_convert", style.get("ignored_layers", []))))
+    tensors = load_file(os.path.join(out.original, "model.safetensors"))
+    fp8, reference = dict(tensors), dict(tensors)
+    for name in quantized_names(tensors, skip.converts):
+        w, scale = quantize_block_weight(tensors[name], block)
+        fp8[name], fp8[name.removesuffix("weight") + "weight_scale_inv"] = w, scale
+        reference[name] = dequantize_block_weight(w, scale, block)
+    config = json.load(open(os.path.join(out.original, "config.json")))
+    for d, ts, cfg in ((out.fp8, fp8, {**config, "quantization_config": qc}), (out.reference, reference, config)):
+        shutil.copytree(out.original, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors*"))
+        save_file(ts, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    return out
