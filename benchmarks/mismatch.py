@@ -6,10 +6,13 @@ samples rollouts from it in bf16 and records their routing; the transformers mod
 default) then scores the same rollouts twice: with its own (native) routing and replaying the
 rollout routing. Printed as a markdown table: k3 KL, F(2), mean/max |dp| over the generated
 tokens, and router disagreement (rollout vs the routing the training forward used) over every
-token with a rollout row.
+token with a rollout row. ``--rollout-dtype fp8`` adds FP8 rollouts beside the bf16 ones: the same bf16
+checkpoint quantized to block-FP8 as the engine loads it (``quantization="fp8"``, the way RL stacks sample
+in FP8 from a bf16 trainer), scored by the same bf16 trainer model.
 
     python benchmarks/mismatch.py                 # one GPU, < 5 minutes
-    python benchmarks/mismatch.py --tiny          # CPU smoke check
+    python benchmarks/mismatch.py --rollout-dtype fp8
+    python benchmarks/mismatch.py --tiny          # CPU smoke check (--tiny --rollout-dtype fp8 too)
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ FULL = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, hea
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16,
             num_experts_per_tok=4, moe_intermediate_size=32, vocab_size=512)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# FP8 rollouts: the shipped checkpoints' 128 x 128 blocks; the tiny widths take 16 x 32 (32: the kernels' smallest
+# activation group; 16 divides the tiny experts' 32 rows)
+FP8 = {False: "fp8", True: {"quant_method": "fp8", "weight_block_size": [16, 32]}}
 
 
 def build_checkpoint(args: argparse.Namespace, path: str, device: torch.device) -> torch.nn.Module:
@@ -53,13 +59,15 @@ def build_checkpoint(args: argparse.Namespace, path: str, device: torch.device) 
     return model.to(device=device, dtype=DTYPES[args.train_dtype]).eval()
 
 
-def rollouts(args: argparse.Namespace, path: str, vocab: int) -> list:
-    """Engine rollouts in bf16 with routing capture; one sample per prompt, no early stop."""
+def rollouts(args: argparse.Namespace, path: str, vocab: int, fp8: bool) -> list:
+    """Engine rollouts in bf16 (weights in bf16, or block-FP8) with routing capture; one sample per prompt, no
+    early stop; the same prompts and seeds either way."""
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(3, vocab, size=(args.prompts, args.prompt_len)).tolist()
     blocks = 2 * args.prompts * -(-(args.prompt_len + args.new_tokens) // 16)
     llm = LLM(path, dtype="bfloat16", max_model_len=args.prompt_len + args.new_tokens, num_kv_blocks=blocks,
-              block_size=16, seed=args.seed, routing_replay={"enable": True})
+              block_size=16, seed=args.seed, routing_replay={"enable": True},
+              quantization=FP8[args.tiny] if fp8 else None)
     params = [SamplingParams(temperature=1.0, max_tokens=args.new_tokens, ignore_eos=True, seed=args.seed + i)
               for i in range(args.prompts)]
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per training forward (%(default)s)")
     parser.add_argument("--train-dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="dtype of the transformers model (%(default)s); rollouts are always bf16")
+    parser.add_argument("--rollout-dtype", choices=["bfloat16", "fp8"], default="bfloat16",
+                        help="fp8: FP8-weight rollouts too, beside the bf16 ones (%(default)s)")
     parser.add_argument("--init-std", type=float, default=None, help="initializer_range (transformers default)")
     parser.add_argument("--lm-head-scale", type=float, default=8.0,
                         help="scale the random LM head so distributions are peaked as after training (%(default)s)")
@@ -148,29 +158,32 @@ def main(argv: list[str] | None = None) -> int:
         model = build_checkpoint(args, path, device)
         rr = RoutingReplay(model)
         timings["build + save"] = time.perf_counter() - start
-        start = time.perf_counter()
-        outputs = rollouts(args, path, model.config.vocab_size)
-        timings["engine load + rollouts"] = time.perf_counter() - start
-    gc.collect()  # the engine's weights and caches
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        outputs = {}
+        for rollout in ("bf16", "fp8") if args.rollout_dtype == "fp8" else ("bf16",):
+            start = time.perf_counter()
+            outputs[rollout] = rollouts(args, path, model.config.vocab_size, rollout == "fp8")
+            timings[f"engine load + {rollout} rollouts"] = time.perf_counter() - start
+            gc.collect()  # the engine's weights and caches
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     rows = {}
-    for name, replay in (("native", False), ("replay (R3)", True)):
-        start = time.perf_counter()
-        rows[name] = summarize(score(model, rr, outputs, replay, args.micro_batch, device))
-        timings[f"score {name}"] = time.perf_counter() - start
+    for rollout, outs in outputs.items():
+        for name, replay in (("native", False), ("replay (R3)", True)):
+            start = time.perf_counter()
+            rows[rollout, name] = summarize(score(model, rr, outs, replay, args.micro_batch, device))
+            timings[f"score {rollout} {name}"] = time.perf_counter() - start
     widths = TINY if args.tiny else FULL
     print(f"\nQwen3-MoE random init: {args.layers} MoE layers, hidden {widths['hidden_size']}, "
           f"{widths['num_experts']} experts top-{widths['num_experts_per_tok']}, vocab {widths['vocab_size']}; "
           f"{args.prompts} rollouts x ({args.prompt_len} prompt + {args.new_tokens} new) tokens; rollouts: engine "
-          f"bf16 on {args.device}, training: transformers {args.train_dtype}\n")
-    print("| training routing | k3 KL | F(2) (tokens) | mean \\|dp\\| | max \\|dp\\| | router disagreement (pairs) "
-          "| tokens differing in >= 1 layer | worst layer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in rows.items():
+          f"on {args.device} in bf16 (weights: {' and '.join(outputs)}), training: transformers {args.train_dtype}\n")
+    print("| rollout weights | training routing | k3 KL | F(2) (tokens) | mean \\|dp\\| | max \\|dp\\| "
+          "| router disagreement (pairs) | tokens differing in >= 1 layer | worst layer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (rollout, name), r in rows.items():
         extreme = round(r["f2"] * r["n_resp"])
-        print(f"| {name} | {r['k3']:.3e} | {r['f2']:.2e} ({extreme}) | {r['mean_dp']:.2e} | {r['max_dp']:.2e} "
-              f"| {r['pairs']:.2%} | {r['tokens']:.2%} | {r['worst_layer']:.2%} |")
+        print(f"| {rollout} | {name} | {r['k3']:.3e} | {r['f2']:.2e} ({extreme}) | {r['mean_dp']:.2e} "
+              f"| {r['max_dp']:.2e} | {r['pairs']:.2%} | {r['tokens']:.2%} | {r['worst_layer']:.2%} |")
     first = next(iter(rows.values()))
     print(f"\n{first['n_resp']} generated tokens (KL, F, dp); {first['n_routed']} tokens with a rollout routing row "
           f"(disagreement)")
