@@ -103,3 +103,4 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table.clear()
         seq.block_hashes.clear()
+        seq.num_table_synced = 0

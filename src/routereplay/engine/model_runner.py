@@ -35,14 +35,18 @@ MAX_GRAPH_BATCH = 1024  # decode batches up to this many sequences replay a capt
 
 @dataclass(slots=True)
 class StepInputs:
-    """Host-side description of one step: what rank 0 sends to the other tensor-parallel ranks."""
+    """Host-side description of one step: what rank 0 sends to the other tensor-parallel ranks.
+
+    Block tables live on the device, one row per running sequence (``Sequence.table_row``); a step carries
+    only the entries added since the last (``table_delta``: rows, then columns, then block ids), so neither
+    the host nor the message grows with context length."""
 
     ids: list[int]
     pos: list[int]
-    slots: list[int]
     cu: list[int]
     ctx_lens: list[int]
-    tables: list[list[int]]
+    rows: list[int]
+    table_delta: list[int]
     max_q: int
     is_decode: bool
     sample_rows: list[int]
@@ -104,6 +108,10 @@ class ModelRunner:
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
             self.num_blocks = int(n.item())
         self._allocate_caches()
+        # the block tables, one row per running sequence and a last, all-zero row for graph padding
+        self.pad_row = config.max_num_seqs
+        self.block_tables = torch.zeros(config.max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32,
+                                        device=self.device)
         self.workers = None  # the other tensor-parallel ranks (engine.workers.Workers), set by the engine
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_capture_seconds = 0.0
@@ -307,7 +315,7 @@ class ModelRunner:
     def _drop_graphs(self) -> None:
         """Drop the decode graphs, their memory pool and their static inputs / outputs."""
         self.release_graphs()
-        for name in ("g_ids", "g_pos", "g_slots", "g_lens", "g_tables", "g_out"):
+        for name in ("g_in", "h_in", "g_out", "in_copied"):
             self.__dict__.pop(name, None)
 
     def _empty_device_cache(self) -> None:
@@ -324,20 +332,31 @@ class ModelRunner:
             routing_cache=self.routing_cache, routing_debug=rr.debug,
         )
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+    def _slot_mapping(self, tables: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """KV slot of each token: its sequence's (``rows`` indexes ``tables``) block at pos // block_size."""
+        bs = self.block_size
+        return tables[rows, torch.div(pos, bs, rounding_mode="floor")].long() * bs + pos % bs
 
     def prepare(self, batch: list[tuple[Sequence, int]]
                 ) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int]]]:
         """The step's token layout; sequences whose last token is forwarded get sampled. Also, per sequence
         that still needs prompt log-probs, how many of its rows score prompt tokens (in inp.prompt_rows)."""
-        inp = StepInputs([], [], [], [0], [], [], max(n for _, n in batch), False, [])
+        inp = StepInputs([], [], [0], [], [], [], max(n for _, n in batch), False, [])
         to_sample = []
         prompt_seqs = []
+        d_rows, d_cols, d_blocks = [], [], []
+        # locals: this loop runs once per sequence per step (1,024 in RL), its cost is the host's step time
+        ids, pos, cu, ctx_lens, rows, sample_rows = inp.ids, inp.pos, inp.cu, inp.ctx_lens, inp.rows, inp.sample_rows
+        total = 0
         for seq, n in batch:
+            table, synced = seq.block_table, seq.num_table_synced
+            if len(table) > synced:  # blocks added since the last step (all of them after (re)admission)
+                d_rows += [seq.table_row] * (len(table) - synced)
+                d_cols += range(synced, len(table))
+                d_blocks += table[synced:]
+                seq.num_table_synced = len(table)
             start = seq.num_computed_tokens
-            if seq.needs_prompt_logprobs:
+            if seq.params.prompt_logprobs is not None and seq.needs_prompt_logprobs:
                 # Position q scores prompt token q + 1. Positions already scored (before a preemption and
                 # recompute) are skipped; none is missing: such a sequence never reads the prefix cache.
                 first, end = len(seq.prompt_logprobs) - 1, min(start + n, seq.num_prompt_tokens - 1)
@@ -345,19 +364,25 @@ class ModelRunner:
                     raise RuntimeError(f"sequence {seq.seq_id}: prompt log-probs need position {first}, "
                                        f"its forward starts at {start}")
                 if end > first:
-                    inp.prompt_rows += range(inp.cu[-1] + first - start, inp.cu[-1] + end - start)
+                    inp.prompt_rows += range(total + first - start, total + end - start)
                     inp.prompt_targets += seq.token_ids[first + 1 : end + 1]
                     inp.prompt_top = max(inp.prompt_top, seq.params.prompt_logprobs)
                     prompt_seqs.append((seq, end - first))
-            inp.ids += seq.token_ids[start : start + n]
-            inp.pos += range(start, start + n)
-            inp.slots += self._slots(seq, start, start + n)
-            inp.cu.append(inp.cu[-1] + n)
-            inp.ctx_lens.append(start + n)
-            inp.tables.append(seq.block_table)
-            if start + n == len(seq):
-                inp.sample_rows.append(inp.cu[-1] - 1)
+            tokens = seq.token_ids
+            if n == 1:
+                ids.append(tokens[start])
+                pos.append(start)
+            else:
+                ids += tokens[start : start + n]
+                pos += range(start, start + n)
+            total += n
+            cu.append(total)
+            ctx_lens.append(start + n)
+            rows.append(seq.table_row)
+            if start + n == len(tokens):
+                sample_rows.append(total - 1)
                 to_sample.append(seq)
+        inp.table_delta = d_rows + d_cols + d_blocks
         inp.is_decode = inp.cu[-1] == len(batch)
         inp.prompt_piece = max(1, PROMPT_LOGITS_ELEMENTS // self.config.model_config.vocab_size)
         return inp, to_sample, prompt_seqs
@@ -367,19 +392,21 @@ class ModelRunner:
         """Forward the step on this rank: logits [sampled rows, vocab] (gathered over ranks) or None, and on
         rank 0 the prompt log-probs of inp.prompt_rows (``_prompt_logprobs``) or None."""
         dev = self.device
+        if inp.table_delta:
+            d = self._to_device(inp.table_delta).view(3, -1)
+            self.block_tables[d[0], d[1]] = d[2].to(torch.int32)
         if inp.is_decode and self.graphs and len(inp.ids) <= self.graph_sizes[-1]:
-            hidden = self._replay(inp.ids, inp.pos, inp.slots, inp.ctx_lens, inp.tables)
+            hidden = self._replay(inp)
         else:
-            width = max(len(t) for t in inp.tables)
-            table_t = torch.tensor([t + [0] * (width - len(t)) for t in inp.tables], dtype=torch.int32)
-            set_context(self._context(
-                torch.tensor(inp.pos, dtype=torch.long).to(dev, non_blocking=True),
-                torch.tensor(inp.slots, dtype=torch.long).to(dev, non_blocking=True),
-                torch.tensor(inp.cu, dtype=torch.int32).to(dev, non_blocking=True),
-                torch.tensor(inp.ctx_lens, dtype=torch.int32).to(dev, non_blocking=True),
-                table_t.to(dev, non_blocking=True), inp.max_q, inp.is_decode,
-            ))
-            hidden = self.model(torch.tensor(inp.ids, dtype=torch.long).to(dev, non_blocking=True))
+            n, s = len(inp.ids), len(inp.rows)
+            d = self._to_device(inp.ids + inp.pos + inp.cu + inp.ctx_lens + inp.rows)
+            ids, pos, rows = d[:n], d[n : 2 * n], d[2 * n + 2 * s + 1 :]
+            cu, lens = d[2 * n : 2 * n + s + 1].to(torch.int32), d[2 * n + s + 1 : 2 * n + 2 * s + 1].to(torch.int32)
+            tables = self.block_tables[rows]
+            seq_of_token = torch.repeat_interleave(torch.arange(s, device=dev), cu.diff(), output_size=n)
+            set_context(self._context(pos, self._slot_mapping(tables, seq_of_token, pos), cu, lens, tables,
+                                      inp.max_q, inp.is_decode))
+            hidden = self.model(ids)
             reset_context()
         prompt = self._prompt_logprobs(hidden, inp) if inp.prompt_rows else None
         if not inp.sample_rows:
@@ -429,6 +456,13 @@ class ModelRunner:
                 seq.prompt_logprobs.append(entry)
                 j += 1
 
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """One int64 host-to-device copy (from pinned memory on CUDA, so it does not wait for the device)."""
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]
             ) -> tuple[list[Sequence], list[int], list[float], list[dict[int, float] | None], list[str | None]]:
@@ -453,16 +487,14 @@ class ModelRunner:
             if s.num_generated < x.min_tokens:  # what would end the completion cannot be sampled yet
                 logits[i, x.stop_token_ids + ([] if x.ignore_eos else eos)] = float("-inf")
         # Below SAMPLING_EPS greedy: logits / T would overflow (1e-45 is a float32 denormal, not 0)
-        temperature = torch.tensor([0.0 if x.temperature < SAMPLING_EPS else x.temperature for x in p],
-                                   dtype=torch.float32).to(dev)
-        top_k = torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev)
-        top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev)
-        tokens, logprobs = sample(
-            logits, temperature, top_k, top_p,
-            torch.tensor([s.seed for s in to_sample], dtype=torch.long).to(dev),
-            torch.tensor([len(s) for s in to_sample], dtype=torch.long).to(dev),
-            truncate=any(x.top_k > 0 or x.top_p < 1 for x in p),
-        )
+        floats = torch.tensor([[0.0 if x.temperature < SAMPLING_EPS else x.temperature for x in p],
+                               [x.top_p for x in p]], dtype=torch.float32)
+        floats = (floats.pin_memory() if dev.type == "cuda" else floats).to(dev, non_blocking=True)
+        temperature, top_p = floats[0], floats[1]
+        ints = self._to_device([x.top_k for x in p] + [s.seed for s in to_sample] + [len(s) for s in to_sample])
+        top_k, seeds, positions = ints.view(3, -1)
+        tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, positions,
+                                  truncate=any(x.top_k > 0 or x.top_p < 1 for x in p))
         tops: list[dict[int, float] | None] = [None] * len(to_sample)
         rows = [i for i, x in enumerate(p) if x.top_logprobs > 0]
         if rows:  # only the rows that ask: the distribution is rebuilt over the whole vocabulary
@@ -487,26 +519,33 @@ class ModelRunner:
         steps = [1, 2, 4, 8, *range(16, 257, 16), *range(288, 513, 32), *range(576, MAX_GRAPH_BATCH + 1, 64)]
         sizes = sorted({b for b in [*steps, max_bs] if b <= max_bs})
         dev, h = self.device, self.config.model_config.hidden_size
-        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
-        self.g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        # Static inputs, one copy per replay: token ids, positions, context lengths, block-table rows
+        self.g_in = torch.zeros(4, max_bs, dtype=torch.long, device=dev)
+        self.g_in[3].fill_(self.pad_row)
+        self.h_in = torch.zeros(4, max_bs, dtype=torch.long, pin_memory=True)
         self.g_out = torch.zeros(max_bs, h, dtype=self.config.torch_dtype, device=dev)
+        self.in_copied = torch.cuda.Event()
         pool = None
         for bs in reversed(sizes):
-            set_context(self._context(self.g_pos[:bs], self.g_slots[:bs], None, self.g_lens[:bs],
-                                      self.g_tables[:bs], 1, True))
-            self.g_out[:bs] = self.model(self.g_ids[:bs])  # warm-up (allocations, autotuning)
+            self._decode_forward(bs)  # warm-up (allocations, autotuning)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.g_out[:bs] = self.model(self.g_ids[:bs])
+                self._decode_forward(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
-            reset_context()
         torch.cuda.synchronize()
         self.graph_sizes = sizes
         self.graph_capture_seconds = time.perf_counter() - t0
+
+    def _decode_forward(self, bs: int) -> None:
+        """The captured decode step: g_out[:bs] from g_in[:, :bs], the block tables gathered on the device."""
+        ids, pos, lens, rows = self.g_in[:, :bs]
+        lens = lens.to(torch.int32)
+        # padding rows (context length 0) write their K/V and routing to no slot
+        slots = torch.where(lens > 0, self._slot_mapping(self.block_tables, rows, pos), -1)
+        set_context(self._context(pos, slots, None, lens, self.block_tables[rows], 1, True))
+        self.g_out[:bs] = self.model(ids)
+        reset_context()
 
     def release_graphs(self) -> None:
         """Drop the decode graphs: NCCL's shutdown waits for graphs that captured its collectives."""
@@ -514,19 +553,16 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _replay(self, ids, pos, slots, ctx_lens, tables) -> torch.Tensor:
-        n = len(ids)
+    def _replay(self, inp: StepInputs) -> torch.Tensor:
+        n = len(inp.ids)
         bs = next(b for b in self.graph_sizes if b >= n)
-        table_np = np.zeros((n, self.max_blocks_per_seq), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table_np[i, : len(t)] = t
-        self.g_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.g_pos[:n].copy_(torch.tensor(pos), non_blocking=True)
-        self.g_slots[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.g_slots[n:bs].fill_(-1)
-        self.g_lens[:n].copy_(torch.tensor(ctx_lens, dtype=torch.int32), non_blocking=True)
-        self.g_lens[n:bs].fill_(0)
-        self.g_tables[:n].copy_(torch.from_numpy(table_np), non_blocking=True)
+        self.in_copied.synchronize()  # the previous replay's copy has read the host buffer (done long since)
+        host = self.h_in.numpy()
+        host[0, :n], host[1, :n], host[2, :n], host[3, :n] = inp.ids, inp.pos, inp.ctx_lens, inp.rows
+        host[:3, n:bs] = 0
+        host[3, n:bs] = self.pad_row
+        self.g_in[:, :bs].copy_(self.h_in[:, :bs], non_blocking=True)
+        self.in_copied.record()
         self.graphs[bs].replay()
         return self.g_out[:n]
 

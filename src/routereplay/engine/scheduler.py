@@ -22,13 +22,19 @@ class Scheduler:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))  # block-table rows, lowest first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _stop_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.free_rows.append(seq.table_row)
+        seq.table_row = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._stop_running(seq)
         self.blocks.release(seq)
         seq.status, seq.num_computed_tokens = Status.WAITING, 0
         self.waiting.appendleft(seq)
@@ -85,6 +91,7 @@ class Scheduler:
                 self.waiting.appendleft(seq)
                 break
             seq.status = Status.RUNNING
+            seq.table_row = self.free_rows.pop()
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
@@ -93,6 +100,9 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """End a running or waiting (aborted) sequence and free its blocks."""
-        (self.running if seq.status is Status.RUNNING else self.waiting).remove(seq)
+        if seq.status is Status.RUNNING:
+            self._stop_running(seq)
+        else:
+            self.waiting.remove(seq)
         seq.status = Status.FINISHED
         self.blocks.release(seq)

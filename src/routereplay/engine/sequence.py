@@ -26,6 +26,8 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V (and routing rows) are in the cache
     block_table: list[int] = field(default_factory=list)
+    table_row: int | None = None  # its row of the model runner's device block tables while running
+    num_table_synced: int = 0  # leading block_table entries already written to that row
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full, computed blocks
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)  # params.top_logprobs > 0
