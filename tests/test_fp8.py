@@ -276,8 +276,8 @@ def test_bad_fp8_checkpoint_is_rejected_before_loading(root, tmp_path, edit, mes
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(quant_method="compressed-tensors"), r"quantization_config in .*config\.json\.quant_method = "
-                                              r"'compressed-tensors' is not supported \(only 'fp8'"),
+    (dict(quant_method="compressed-tensors", config_groups={}, format="float-quantized"),  # GLM-4.5-FP8's kind
+     r"quantization_config in .*config\.json\.quant_method = 'compressed-tensors' is not supported \(only 'fp8'"),
     (dict(weight_block_size=[128]), r"\.weight_block_size must be two positive integers .*got \[128\]"),
     (dict(weight_block_size=None), r"\.weight_block_size must be two positive integers"),
     (dict(activation_scheme="static"), r"\.activation_scheme = 'static' is not supported \(only 'dynamic'"),

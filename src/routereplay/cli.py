@@ -45,6 +45,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (GPUs) on this host" + d)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use" + d)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: quantize a bf16 checkpoint to block-FP8 (128 x 128) as it loads; an FP8 checkpoint "
+                   "(fp8 quantization_config) runs in FP8 without it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help=d.strip())
     o = ServerOptions()
     p.add_argument("--api-key", default=os.environ.get("ROUTEREPLAY_API_KEY"),
@@ -78,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
             enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
             device=args.device,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+            quantization=args.quantization,
         )
         options = ServerOptions(
             api_key=args.api_key, weight_dirs=tuple(args.weight_dir), weight_group_timeout_s=args.weight_group_timeout,

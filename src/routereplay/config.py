@@ -126,18 +126,18 @@ def parse_fp8_config(qc: object, where: str, prequantized: bool) -> Fp8Config:
     """Validate a quantization_config (the checkpoint's, or the `quantization` option's dict form)."""
     if not isinstance(qc, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(qc).__name__}")
-    unknown = sorted(set(qc) - _FP8_KEYS)
-    if unknown:
-        raise ValueError(f"{where} has unsupported field(s) {unknown}; supported: {sorted(_FP8_KEYS)}")
     supported = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "scale_fmt": "float",
                  "expert_dtype": "fp8", "dequantize": False}
-    for key, want in supported.items():
+    for key, want in supported.items():  # quant_method first: another method's fields are not ours to list
         got = qc.get(key, want)
         if isinstance(got, str) and isinstance(want, str):
             got = got.lower()
         if got != want:
             raise ValueError(f"{where}.{key} = {qc[key]!r} is not supported (only {want!r}: block-quantized e4m3 "
                              "weights with fp32 weight_scale_inv, activations quantized dynamically per token group)")
+    unknown = sorted(set(qc) - _FP8_KEYS)
+    if unknown:
+        raise ValueError(f"{where} has unsupported field(s) {unknown}; supported: {sorted(_FP8_KEYS)}")
     if qc.get("modules_to_convert"):
         raise ValueError(f"{where}.modules_to_convert is not supported (FP8 embeddings): {qc['modules_to_convert']!r}")
     block = qc.get("weight_block_size")
