@@ -140,6 +140,13 @@ def test_dequantize_refuses_wrong_scale_shape():
         dequantize_block_weight(q, s[:, :1], BLOCK)
 
 
+def test_scale_is_the_fp32_quotient():
+    # The kernels compute amax / 448 in fp32 with IEEE rounding; the reference goes through fp64 so that it
+    # rounds the same on CUDA too (where torch divides by a Python scalar through its reciprocal).
+    amax = torch.cat([torch.rand(100_000) * 500, torch.randn(100_000).bfloat16().float().abs(), torch.zeros(3)])
+    assert torch.equal(fp8_mod._scale_of(amax), amax.clamp_min(1e-10) / torch.full_like(amax, FP8_MAX))
+
+
 @pytest.mark.parametrize("m,k,group", [(5, 256, 128), (3, 200, 128), (0, 128, 128), (4, 48, 16)])
 def test_per_token_group_quant(m, k, group):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * 3
@@ -330,8 +337,8 @@ def test_interp_kernels_refuse_a_non_power_of_two_group():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GPU (the references run on CPU copies: CUDA torch divides by a scalar through its reciprocal, which the
-# kernels and the CPU reference do not)
+# GPU (the references run on CPU copies, as the bounds below were measured on an H200: a reference on CUDA
+# rests on torch's CUDA division rounding like the kernels' div_rn)
 # ----------------------------------------------------------------------------------------------------------
 
 
