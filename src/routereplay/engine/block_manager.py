@@ -84,9 +84,9 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks that became full and computed in the step just run."""
-        if not self.prefix_caching:
-            return
         bs = self.block_size
+        if not self.prefix_caching or seq.num_computed_tokens // bs == len(seq.block_hashes):
+            return
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)

@@ -194,39 +194,45 @@ class LLMEngine:
         failed: list[RequestOutput] = []
         if batch:
             sampled, tokens, logprobs, tops, errors = self.runner.run(batch)
+            blocks = self.scheduler.blocks
             for seq, n in batch:
                 seq.num_computed_tokens += n
-                self.scheduler.blocks.commit(seq)
+                blocks.commit(seq)
             broken: dict[str, str] = {}  # request id -> its first broken sample's error
-            for seq, err in zip(sampled, errors, strict=True):
-                if err is not None:
-                    broken.setdefault(seq.request_id, f"sample {seq.sample_index}: the model produced a non-finite "
-                                                      f"distribution at position {len(seq)} ({err})")
+            if any(err is not None for err in errors):
+                for seq, err in zip(sampled, errors, strict=True):
+                    if err is not None:
+                        broken.setdefault(seq.request_id, f"sample {seq.sample_index}: the model produced a "
+                                                          f"non-finite distribution at position {len(seq)} ({err})")
             failed = [self._fail(self.requests[rid], error) for rid, error in broken.items()]
-            going = []
+            eos, max_len = self.model_config.eos_token_ids, self.config.max_model_len
+            with_stop_strings = []
+            # one pass per sampled sequence (1,024 in RL): this loop is the host's per-step cost
             for seq, token, lp, top in zip(sampled, tokens, logprobs, tops, strict=True):
-                if seq.request_id in broken:  # ended by _fail: no token of this step
+                if broken and seq.request_id in broken:  # ended by _fail: no token of this step
                     continue
                 seq.token_ids.append(token)
                 seq.logprobs.append(lp)
                 if top is not None:
                     seq.top_logprobs.append(top)
-                self._counters["generation_tokens"] += 1
                 p = seq.params
+                generated = len(seq.token_ids) - seq.num_prompt_tokens
                 # min_tokens: too short to stop (its stop tokens were masked), as in vLLM
-                may_stop = seq.num_generated >= p.min_tokens
-                if may_stop and ((not p.ignore_eos and token in self.model_config.eos_token_ids)
-                                 or token in p.stop_token_ids):
+                if generated >= p.min_tokens and ((not p.ignore_eos and token in eos) or token in p.stop_token_ids):
                     self._finish(seq, "stop")
-                else:
-                    going.append(seq)
-            hits = self._stop_strings([s for s in going if s.params.stop and s.num_generated >= s.params.min_tokens])
-            for seq in going:
-                seq.stop_reason = hits.get(seq)
-                if seq.stop_reason is not None:  # a stop string wins over the length limit of the same token
-                    self._finish(seq, "stop")
+                elif p.stop and generated >= p.min_tokens:
+                    with_stop_strings.append(seq)  # a stop string wins over the length limit of the same token
                 # validate keeps prompt + max_tokens within max_model_len: the second test is a safety net
-                elif seq.num_generated >= seq.params.max_tokens or len(seq) >= self.config.max_model_len:
+                elif generated >= p.max_tokens or len(seq.token_ids) >= max_len:
+                    self._finish(seq, "length")
+            self._counters["generation_tokens"] += len(sampled) - (sum(s.request_id in broken for s in sampled)
+                                                                   if broken else 0)
+            hits = self._stop_strings(with_stop_strings) if with_stop_strings else {}
+            for seq in with_stop_strings:
+                seq.stop_reason = hits.get(seq)
+                if seq.stop_reason is not None:
+                    self._finish(seq, "stop")
+                elif seq.num_generated >= seq.params.max_tokens or len(seq) >= max_len:
                     self._finish(seq, "length")
             self._gather_routing()
         return failed + self._deltas() + self._collect(block=not batch)

@@ -48,6 +48,7 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Return [(sequence, number of new tokens to forward)] for the next step."""
         budget = self.max_num_batched_tokens
+        block_size = self.blocks.block_size
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if budget == 0:
@@ -55,7 +56,9 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(len(seq) - seq.num_computed_tokens, budget)
-            while not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+            # most steps of a decoding sequence fall inside its last block: nothing to allocate
+            while (seq.num_computed_tokens + n > len(seq.block_table) * block_size
+                   and not self.blocks.ensure(seq, seq.num_computed_tokens + n)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
