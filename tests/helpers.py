@@ -21,22 +21,32 @@ def tiny_checkpoint(root: str, model_type: str) -> str:
 def reference_forward(model_dir: str, token_ids: list[int], fp8_checkpoint: str | None = None):
     """transformers' logits [T, V] and, per MoE layer, the expert sets its routers chose [T, L, K].
 
-    The ids are captured with forward hooks on the reference's own router modules. With ``fp8_checkpoint``
-    (``model_dir`` then holds its dequantized weights), every GEMM with a weight that checkpoint quantizes sees
-    its input rounded per token group as the FP8 GEMMs round activations (`fp8_activations`).
+    With ``fp8_checkpoint`` (``model_dir`` then holds its dequantized weights), every GEMM with a weight that
+    checkpoint quantizes sees its input rounded per token group as the FP8 GEMMs round activations.
     """
+    model = load_reference(model_dir, eager_experts=fp8_checkpoint is not None)
+    return routed_forward(model, token_ids, fp8_checkpoint_weights(fp8_checkpoint) if fp8_checkpoint else None)
+
+
+def load_reference(model_dir: str, eager_experts: bool = False):
+    """transformers' fp32 model; ``eager_experts``: experts that call F.linear per expert (the grouped_mm
+    default does not, so `fp8_activations` could not round their inputs)."""
     from transformers import AutoModelForCausalLM
 
-    # fp8: the eager experts, which call F.linear per expert (the grouped_mm default does not)
-    extra = {"experts_implementation": "eager"} if fp8_checkpoint else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra).eval()
+    extra = {"experts_implementation": "eager"} if eager_experts else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra).eval()
+
+
+def routed_forward(model, token_ids: list[int], fp8_weights: tuple[set[str], int] | None = None):
+    """Logits [T, V] and the expert sets [T, L, K], captured with forward hooks on the model's own routers;
+    ``fp8_weights`` as `fp8_activations` takes them."""
     chosen = []
     hooks = []
     for module in model.modules():
         name = type(module).__name__
         if name.endswith(("TopKRouter", "TopkRouter")):
             hooks.append(module.register_forward_hook(lambda m, i, o: chosen.append(o[2].detach().clone())))
-    rounding = fp8_activations(model, fp8_checkpoint) if fp8_checkpoint else contextlib.nullcontext()
+    rounding = fp8_activations(model, *fp8_weights) if fp8_weights else contextlib.nullcontext()
     with torch.no_grad(), rounding:
         logits = model(torch.tensor([token_ids])).logits[0]
     for h in hooks:
@@ -44,26 +54,29 @@ def reference_forward(model_dir: str, token_ids: list[int], fp8_checkpoint: str 
     return logits, torch.stack(chosen, dim=1)  # [T, L, K]
 
 
-@contextlib.contextmanager
-def fp8_activations(model, fp8_checkpoint: str) -> Iterator[None]:
-    """Within: ``F.linear`` with a weight that ``fp8_checkpoint`` quantizes (an nn.Linear's, or a slice of a fused
-    expert tensor, as transformers' experts call it) first rounds its input through per-token-group e4m3
-    (groups of weight_block_size[1]), as the FP8 GEMMs do; every other F.linear (routers, LM head) is untouched."""
+def fp8_checkpoint_weights(fp8_checkpoint: str) -> tuple[set[str], int]:
+    """transformers' names of the parameters an FP8 checkpoint quantizes (per-expert tensors as the fused ones),
+    and its activation group (weight_block_size[1])."""
     import json
 
     from safetensors import safe_open
 
+    config = json.load(open(os.path.join(fp8_checkpoint, "config.json")))
+    with safe_open(os.path.join(fp8_checkpoint, "model.safetensors"), "pt") as f:
+        weights = {k.removesuffix("_scale_inv") for k in f.keys() if k.endswith(".weight_scale_inv")}
+    fused = {re.sub(r"\.experts\.\d+\.(gate|up)_proj\.weight$", ".experts.gate_up_proj",
+                    re.sub(r"\.experts\.\d+\.down_proj\.weight$", ".experts.down_proj", w)) for w in weights}
+    return fused, config["quantization_config"]["weight_block_size"][1]
+
+
+@contextlib.contextmanager
+def fp8_activations(model, weights: set[str], group: int) -> Iterator[None]:
+    """Within: ``F.linear`` with one of the named parameters as its weight (an nn.Linear's, or a slice of a fused
+    expert tensor, as transformers' eager experts call it) first rounds its input through per-token-group e4m3
+    (groups of ``group``), as the FP8 GEMMs do; every other F.linear (routers, LM head) is untouched."""
     from routereplay.kernels.fp8 import quantize_per_token_group
 
-    group = json.load(open(os.path.join(fp8_checkpoint, "config.json")))["quantization_config"]["weight_block_size"][1]
-    with safe_open(os.path.join(fp8_checkpoint, "model.safetensors"), "pt") as f:
-        modules = {k.removesuffix(".weight_scale_inv") for k in f.keys() if k.endswith(".weight_scale_inv")}
-    # per-expert checkpoint modules -> transformers' fused expert tensors
-    names = {re.sub(r"\.experts\.\d+\.(gate|up)_proj$", ".experts.gate_up_proj",
-                    re.sub(r"\.experts\.\d+\.down_proj$", ".experts.down_proj", m)) for m in modules}
-    params = dict(model.named_parameters())
-    storages = {params[n if n.endswith("_proj") and ".experts." in n else n + ".weight"].untyped_storage().data_ptr()
-                for n in names}
+    storages = {model.get_parameter(n).untyped_storage().data_ptr() for n in weights}
     plain = torch.nn.functional.linear
 
     def linear(x, weight, bias=None):

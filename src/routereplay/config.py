@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -180,7 +180,13 @@ def derive_quantization(hf_config, family: Family, model_dir: str, requested: st
     if not family.fp8:
         raise ValueError(f"FP8 is not supported for {family.model_type} (its experts are not SwiGLU experts "
                          "without biases)")
-    return quant
+    # the names are the checkpoint's: renamed as its tensors are (Mixtral's block_sparse_moe is our mlp)
+    renamed = []
+    for name in quant.not_converted:
+        for pattern, repl in family.renames_compiled:
+            name = pattern.sub(repl, name + ".").removesuffix(".")
+        renamed.append(name)
+    return replace(quant, not_converted=tuple(renamed))
 
 
 @dataclass(slots=True)

@@ -110,22 +110,25 @@ def _src(name: str, target: torch.Tensor, shard, tensor: torch.Tensor) -> torch.
 
 def _quantizes(src: str, target: torch.Tensor, dtype: torch.dtype, where: str, fp8_checkpoint: bool) -> bool:
     """Whether ``src`` is quantized into an e4m3 target (else copied); refuse a dtype that does not fit."""
-    if target.dtype == FP8_DTYPE:
-        if dtype == FP8_DTYPE:
-            return False
-        if dtype.is_floating_point and dtype.itemsize > 1 and not fp8_checkpoint:
-            return True
-        if dtype.is_floating_point and dtype.itemsize > 1:
-            raise ValueError(f"{src!r} in {where} is {dtype}, but the checkpoint's quantization_config converts its "
-                             f"module: expected {FP8_DTYPE} with a weight_scale_inv (modules kept in higher "
-                             "precision are listed in modules_to_not_convert)")
+    wide_float = dtype.is_floating_point and dtype.itemsize > 1
+    if src.endswith(SCALE):
+        if not wide_float:
+            raise ValueError(f"{src!r} in {where} is {dtype}: a weight_scale_inv must be float32 (or bf16 / fp16)")
+        return False
+    if target.dtype != FP8_DTYPE:
+        if dtype.is_floating_point and not wide_float:
+            raise ValueError(f"{src!r} in {where} is {dtype}, but its module is not quantized (routers, norms, "
+                             "embeddings, the LM head and modules_to_not_convert keep their dtype)")
+        return False
+    if dtype == FP8_DTYPE:
+        return False
+    if not wide_float:
         raise ValueError(f"{src!r} in {where} is {dtype}: expected {FP8_DTYPE}, or a float tensor to quantize")
-    if dtype.is_floating_point and dtype.itemsize == 1:
-        raise ValueError(f"{src!r} in {where} is {dtype}, but its module is not quantized (routers, norms, "
-                         "embeddings, the LM head and modules_to_not_convert keep their dtype)")
-    if src.endswith(SCALE) and not dtype.is_floating_point:
-        raise ValueError(f"{src!r} in {where} is {dtype}: a weight_scale_inv must be float32 (or bf16 / fp16)")
-    return False
+    if fp8_checkpoint:
+        raise ValueError(f"{src!r} in {where} is {dtype}, but the checkpoint's quantization_config converts its "
+                         f"module: expected {FP8_DTYPE} with a weight_scale_inv (modules kept in higher "
+                         "precision are listed in modules_to_not_convert)")
+    return True
 
 
 def check_scale(src: str, tensor: torch.Tensor, where: str) -> None:
@@ -181,12 +184,7 @@ def _check(model, items: Iterable[tuple[str, tuple[int, ...], torch.dtype]], whe
         for name, t in targets.items():
             if name == "lm_head.weight" and hf_config.tie_word_embeddings:
                 continue
-            kind = _fused(name)
-            if kind is not None:
-                need = _covers(name, t, None)
-            else:
-                need = [(name, None, None)]
-            missing += [n for n in need if n not in covered]
+            missing += [n for n in _covers(name, t, None) if n not in covered]
         if missing:
             name, e, part = missing[0]
             what = name if e is None else f"{name} (expert {e}, {part})"
