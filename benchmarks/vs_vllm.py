@@ -64,9 +64,12 @@ def write(args) -> None:
     print(f"wrote {args.layers}-layer checkpoint to {args.dir} in {time.perf_counter() - t:.1f} s", flush=True)
 
 
+VOCAB = (1000, 100000)  # prompt token ids are drawn from this range
+
+
 def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return rng.integers(1000, 100000, size=(n, length)).tolist()
+    return rng.integers(*VOCAB, size=(n, length)).tolist()
 
 
 class Ours:
@@ -127,14 +130,19 @@ def triton_cache_entries() -> int:
     return len(os.listdir(d)) if os.path.isdir(d) else 0
 
 
-def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list]:
+def sync() -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list, int]:
+    sync()
     compiled = triton_cache_entries()
     t = time.perf_counter()
     outs = engine.generate(prompts, n, max_tokens, temperature)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - t
     tokens = sum(len(ids) for o in outs for ids, _ in o)
     expected = len(prompts) * n * max_tokens
@@ -150,11 +158,17 @@ def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list]
 def run(args) -> None:
     import torch
 
+    if args.smoke:  # a CPU check of the script itself: every row, tiny shapes
+        global MAX_MODEL_LEN, MAX_NUM_SEQS, AGREE, BS1, VOCAB
+        VOCAB = (3, 100)
+        ROWS.update(a=(4, 1, 8, 8), b=(2, 4, 16, 16), c=(8, 1, 8, 12))
+        AGREE, BS1, MAX_MODEL_LEN, MAX_NUM_SEQS = (3, 8, 8), (8, 8), 64, 16
     t0 = time.perf_counter()
     routing = args.routing == "on"
     engine = (Ours if args.engine == "routereplay" else VLLM)(args.dir, routing, args.gpu_memory_utilization)
     res = dict(engine=engine.name, version=engine.version(), routing=args.routing, start_s=time.perf_counter() - t0,
-               gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+               gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                layers=json.load(open(os.path.join(args.dir, "config.json")))["num_hidden_layers"], rows={})
     print(f"{engine.name} routing {args.routing}: started in {res['start_s']:.1f} s", flush=True)
 
@@ -186,7 +200,7 @@ def run(args) -> None:
         elif row == "agree":
             num, inp, out = AGREE
             _, outs, _ = timed(engine, prompts_for(num, inp, seed=5), 1, out, temperature=0.0)
-            np.savez_compressed(args.json.replace(".json", "_routing.npz"), **{
+            np.savez_compressed(args.json.replace(".json", "_routing.npz"), prompts=num, input_len=inp, **{
                 f"tokens{i}": np.asarray(o[0][0]) for i, o in enumerate(outs)}, **{
                 f"routing{i}": np.asarray(o[0][1]) for i, o in enumerate(outs) if o[0][1] is not None})
             print("  agree: routing saved", flush=True)
@@ -200,8 +214,8 @@ def agreement(a_npz: str, b_npz: str) -> tuple[float, int]:
     before the two greedy rollouts first differ (after that they route different text)."""
     a, b = np.load(a_npz), np.load(b_npz)
     same = total = 0
-    prompt = AGREE[1]
-    for i in range(AGREE[0]):
+    prompt = int(a["input_len"])
+    for i in range(int(a["prompts"])):
         if f"routing{i}" not in a or f"routing{i}" not in b:
             continue
         ta, tb = a[f"tokens{i}"], b[f"tokens{i}"]
@@ -265,6 +279,7 @@ def main() -> None:
     r.add_argument("--output-scale", type=float, default=1.0, help="row b's output length times this")
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--json", required=True)
+    r.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on CPU")
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
     args = ap.parse_args()
