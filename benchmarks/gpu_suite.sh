@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks, several per device call (device time is scarce: start the machine once).
-#   bash benchmarks/gpu_suite.sh PART...   PART: tests | throughput | mismatch | tp | tp_bench | sync
+#   bash benchmarks/gpu_suite.sh PART...   PART: tests | throughput | mismatch | fp8_mismatch | fp8_throughput | tp |
+#                                          tp_bench | sync
 #   (tp, tp_bench, sync: 2 GPUs)
 # Each part's time limit is below; keep one call's parts under the 600 s a device command may run,
 # e.g. `mismatch tp tp_bench`, then `tests sync` on nvidia-h200-x2 (single-GPU parts run there too).
@@ -38,11 +39,13 @@ for part in "${@:-tests}"; do
         --ignore=tests/test_sglang_weight_group.py --ignore=tests/test_packaging.py ;;
     throughput) step throughput 240 python benchmarks/throughput.py --hf-new-tokens 4 --json "$out/throughput.json" ;;
     mismatch) step mismatch 220 python benchmarks/mismatch.py ;;
+    fp8_mismatch) step fp8_mismatch 300 python benchmarks/mismatch.py --rollout-dtype fp8 ;;
+    fp8_throughput) step fp8_throughput 240 python benchmarks/fp8_throughput.py --json "$out/fp8_throughput.json" ;;
     tp) step tp_tests 180 python -m pytest tests/test_tp.py ;;  # needs 2 GPUs
     tp_bench)  # needs 2 GPUs
       step tp_bench 180 python benchmarks/tp.py --tp 2 --layers 4
       step tp_bench_fp32 150 python benchmarks/tp.py --tp 2 --layers 4 --dtype float32 --prompts 32 --new-tokens 64 ;;
     sync) step weight_sync 150 python benchmarks/weight_sync.py --tp 2 --layers 8 ;;  # needs 2 GPUs
-    *) echo "unknown part $part (tests, throughput, mismatch, tp, tp_bench, sync)"; exit 2 ;;
+    *) echo "unknown part $part (tests, throughput, mismatch, fp8_mismatch, fp8_throughput, tp, tp_bench, sync)"; exit 2 ;;
   esac
 done
