@@ -384,3 +384,56 @@ def test_tp_shard_off_a_block_boundary_is_refused(root, block, message):
             MoECausalLM(mc.family, mc.hf_config, mc.moe_layer_ids, mc.quant)
     finally:
         TP.rank, TP.size = 0, 1
+
+
+# ---- on CUDA (skipped without a GPU): the Triton FP8 GEMMs and fused MoE inside the engine -------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model_type", FP8_FAMILIES)
+def test_fp8_on_cuda_matches_the_cpu_reference(root, model_type):
+    """The same FP8 model on CUDA (Triton kernels) and on CPU (PyTorch references), fp32 activations: quantization
+    is bitwise alike on both (IEEE division), so only the fp32 sums' order differs; an activation that lands on
+    an e4m3 rounding boundary may still round the other way, hence a tolerance rather than equality."""
+    t = tiny(root, model_type)
+    mc = ModelConfig.from_dir(t.fp8)
+    toks = torch.randint(3, 100, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    cpu_logits, cpu_ids = our_forward(build(t.fp8), toks, mc.num_moe_layers, mc.top_k)
+    with torch.device("cuda"):
+        model = MoECausalLM(mc.family, mc.hf_config, mc.moe_layer_ids, mc.quant)
+    load_checkpoint(model, t.fp8)
+    from routereplay.context import Context, reset_context, set_context
+
+    n = len(toks)
+    cache = torch.full((n + 1, mc.num_moe_layers, mc.top_k), -1, dtype=torch.int32, device="cuda")
+    set_context(Context(positions=torch.arange(n, device="cuda"), slot_mapping=torch.arange(n, device="cuda"),
+                        routing_cache=cache))
+    try:
+        with torch.no_grad():
+            logits = model.eval().compute_logits(model(torch.tensor(toks, device="cuda"))).cpu()
+    finally:
+        reset_context()
+    assert (logits - cpu_logits).abs().max().item() <= 1e-3
+    ours, theirs = cache[:n].cpu().long().sort(-1).values, cpu_ids.long().sort(-1).values
+    assert (ours == theirs).all(-1).float().mean().item() >= 0.97
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp8_cuda_graphs_match_eager_and_debug_rows_are_positions(root):
+    t = tiny(root, "qwen3_moe")
+    ps = prompts(24, seed=1, lo=2, hi=60)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    runs = []
+    for eager in (False, True):
+        llm = LLM(t.fp8, dtype="bfloat16", max_model_len=256, block_size=16, max_num_seqs=32, num_kv_blocks=512,
+                  enforce_eager=eager, routing_replay=DEBUG)
+        assert bool(llm.engine.runner.graphs) != eager
+        runs.append(llm.generate(prompt_token_ids=ps, sampling_params=sp, use_tqdm=False))
+        llm.close()
+    assert [o.outputs[0].token_ids for o in runs[0]] == [o.outputs[0].token_ids for o in runs[1]]
+    for o in runs[0]:
+        assert_positions(o)
