@@ -163,9 +163,7 @@ def derive_quantization(hf_config, family: Family, model_dir: str, requested: st
     "fp8" (blocks of DEFAULT_FP8_BLOCK) or a quantization_config-style dict (e.g. another weight_block_size)."""
     if requested is not None and requested != "fp8" and not isinstance(requested, dict):
         raise ValueError(f"quantization must be None, 'fp8' or a quantization_config dict, got {requested!r}")
-    shipped = getattr(hf_config, "quantization_config", None)
-    if shipped is not None and not isinstance(shipped, dict):
-        shipped = shipped.to_dict()
+    shipped = getattr(hf_config, "quantization_config", None)  # config.json's dict, as transformers keeps it
     if shipped is not None:
         quant = parse_fp8_config(shipped, f"quantization_config in {os.path.join(model_dir, 'config.json')}", True)
         if isinstance(requested, dict) and parse_fp8_config(requested, "quantization", True) != quant:

@@ -110,12 +110,13 @@ class TinyFp8:
     original: str  # the unquantized checkpoint the FP8 one was made from
 
 
-def quantized_names(tensors: dict, not_converted) -> list[str]:
+def quantized_names(tensors: dict, converts) -> list[str]:
     """The checkpoint weights shipped FP8 checkpoints quantize: every 2-D projection of a decoder layer (attention,
-    MLP, shared and routed experts); never routers (mlp.gate), norms, embeddings or the LM head."""
+    MLP, shared and routed experts) whose module ``converts`` (a name predicate); never routers (mlp.gate),
+    norms, embeddings or the LM head."""
     return sorted(n for n, t in tensors.items()
                   if n.startswith("model.layers.") and n.endswith(".weight") and t.dim() == 2
-                  and not n.endswith("mlp.gate.weight") and not_converted(n.removesuffix(".weight")))
+                  and not n.endswith("mlp.gate.weight") and converts(n.removesuffix(".weight")))
 
 
 def make_tiny_fp8_checkpoint(path: str, model_type: str = "qwen3_moe", block: tuple[int, int] = FP8_BLOCK,
