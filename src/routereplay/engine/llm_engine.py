@@ -195,9 +195,11 @@ class LLMEngine:
         if batch:
             sampled, tokens, logprobs, tops, errors = self.runner.run(batch)
             blocks = self.scheduler.blocks
+            bs = self.config.block_size
             for seq, n in batch:
                 seq.num_computed_tokens += n
-                blocks.commit(seq)
+                if seq.num_computed_tokens // bs > len(seq.block_hashes):  # a block filled: cache it
+                    blocks.commit(seq)
             broken: dict[str, str] = {}  # request id -> its first broken sample's error
             if any(err is not None for err in errors):
                 for seq, err in zip(sampled, errors, strict=True):

@@ -341,13 +341,13 @@ class ModelRunner:
                 ) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int]]]:
         """The step's token layout; sequences whose last token is forwarded get sampled. Also, per sequence
         that still needs prompt log-probs, how many of its rows score prompt tokens (in inp.prompt_rows)."""
-        inp = StepInputs([], [], [0], [], [], [], max(n for _, n in batch), False, [])
+        inp = StepInputs([], [], [0], [], [], [], 0, False, [])
         to_sample = []
         prompt_seqs = []
         d_rows, d_cols, d_blocks = [], [], []
         # locals: this loop runs once per sequence per step (1,024 in RL), its cost is the host's step time
         ids, pos, cu, ctx_lens, rows, sample_rows = inp.ids, inp.pos, inp.cu, inp.ctx_lens, inp.rows, inp.sample_rows
-        total = 0
+        total = max_q = 0
         for seq, n in batch:
             table, synced = seq.block_table, seq.num_table_synced
             if len(table) > synced:  # blocks added since the last step (all of them after (re)admission)
@@ -376,6 +376,8 @@ class ModelRunner:
                 ids += tokens[start : start + n]
                 pos += range(start, start + n)
             total += n
+            if n > max_q:
+                max_q = n
             cu.append(total)
             ctx_lens.append(start + n)
             rows.append(seq.table_row)
@@ -383,6 +385,7 @@ class ModelRunner:
                 sample_rows.append(total - 1)
                 to_sample.append(seq)
         inp.table_delta = d_rows + d_cols + d_blocks
+        inp.max_q = max_q
         inp.is_decode = inp.cu[-1] == len(batch)
         inp.prompt_piece = max(1, PROMPT_LOGITS_ELEMENTS // self.config.model_config.vocab_size)
         return inp, to_sample, prompt_seqs
@@ -484,7 +487,7 @@ class ModelRunner:
             x = s.params
             if x.presence_penalty or x.frequency_penalty or x.repetition_penalty != 1:
                 _penalize(logits[i], s, x)
-            if s.num_generated < x.min_tokens:  # what would end the completion cannot be sampled yet
+            if x.min_tokens and s.num_generated < x.min_tokens:  # what would end the completion cannot be sampled yet
                 logits[i, x.stop_token_ids + ([] if x.ignore_eos else eos)] = float("-inf")
         # Below SAMPLING_EPS greedy: logits / T would overflow (1e-45 is a float32 denormal, not 0)
         floats = torch.tensor([[0.0 if x.temperature < SAMPLING_EPS else x.temperature for x in p],

@@ -55,7 +55,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             # most steps of a decoding sequence fall inside its last block: nothing to allocate
             while (seq.num_computed_tokens + n > len(seq.block_table) * block_size
                    and not self.blocks.ensure(seq, seq.num_computed_tokens + n)):
