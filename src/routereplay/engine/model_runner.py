@@ -402,9 +402,9 @@ class ModelRunner:
             hidden = self._replay(inp)
         else:
             n, s = len(inp.ids), len(inp.rows)
-            d = self._to_device(inp.ids + inp.pos + inp.cu + inp.ctx_lens + inp.rows)
-            ids, pos, rows = d[:n], d[n : 2 * n], d[2 * n + 2 * s + 1 :]
-            cu, lens = d[2 * n : 2 * n + s + 1].to(torch.int32), d[2 * n + s + 1 : 2 * n + 2 * s + 1].to(torch.int32)
+            packed = self._to_device(inp.ids + inp.pos + inp.cu + inp.ctx_lens + inp.rows)  # one copy
+            ids, pos, cu, lens, rows = packed.split([n, n, s + 1, s, s])
+            cu, lens = cu.to(torch.int32), lens.to(torch.int32)
             tables = self.block_tables[rows]
             seq_of_token = torch.repeat_interleave(torch.arange(s, device=dev), cu.diff(), output_size=n)
             set_context(self._context(pos, self._slot_mapping(tables, seq_of_token, pos), cu, lens, tables,
