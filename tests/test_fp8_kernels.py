@@ -4,6 +4,7 @@ under the interpreter (TRITON_INTERPRET=1 with triton installed), and on a GPU (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -32,6 +33,7 @@ BLOCK = (128, 128)
 INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 interpret = pytest.mark.skipif(not INTERPRET, reason="interpreter tests need TRITON_INTERPRET=1 and triton")
 requires_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA, triton")
+_MMA_BITS: list[int | None] = [None]  # see fp8_mma_bits
 if INTERPRET:
     import numpy as np
     import triton.language as tl
@@ -57,6 +59,36 @@ if INTERPRET:
         return _orig_fp_to_fp(self, src, dst_type, rounding_mode)
 
     _interp.InterpreterBuilder.create_fp_to_fp = _create_fp_to_fp
+
+    # Hopper's FP8 MMA does not add a K tile's products in fp32 (~14 bits are kept, DeepSeek-V3's report measured;
+    # Triton's default on sm_90 never promotes within a tl.dot). `fp8_mma_bits(b)` makes the interpreter's fp8 dots
+    # add the products one by one, truncating the partial sum to b fraction bits each time: a pessimistic model of
+    # that accumulator, to measure what it does to the model (test_fp8's interpreter tests).
+    _exact_dot = _interp.InterpreterBuilder.create_dot
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        bits = _MMA_BITS[0]
+        if bits is None or not (a.dtype.primitive_bitwidth == 8 and a.dtype.is_floating()):
+            return _exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        a64, b64 = (_interp._convert_float(t.data, t.dtype, tl.float16, None).view(np.float16).astype(np.float64)
+                    for t in (a, b))
+        acc = np.zeros((a64.shape[0], b64.shape[1]))
+        for k in range(a64.shape[1]):  # e4m3 products and their partial sums are exact in float64
+            mant, exp = np.frexp(acc + a64[:, k:k + 1] * b64[k:k + 1, :])
+            acc = np.ldexp(np.trunc(mant * 2.0 ** (bits + 1)) / 2.0 ** (bits + 1), exp)
+        return _interp.TensorHandle((acc + d.data).astype(d.data.dtype), d.dtype.scalar)
+
+    _interp.InterpreterBuilder.create_dot = _create_dot
+
+
+@contextlib.contextmanager
+def fp8_mma_bits(bits: int | None):
+    """Within: the interpreter's e4m3 dots accumulate as a ``bits``-fraction-bit MMA would (None: exact fp32)."""
+    _MMA_BITS[0] = bits
+    try:
+        yield
+    finally:
+        _MMA_BITS[0] = None
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -329,6 +361,40 @@ def test_interp_fused_moe_fp8(monkeypatch, cfg, one_program, h, inter, block):
     assert (out[2] == 0).all()
 
 
+# The tiny FP8 checkpoints' GEMMs (tiny.FP8_BLOCK, hidden 64): deepseek_v3's MLA projections (q_a 24 x 64, q_b 96 x 24
+# with K below one K tile, kv_a 40 x 64 with a partial N block, kv_b 128 x 32 fed a strided view), the attention and MLP
+# ones, and the routed experts (8, top-2, I = 64); at 1, 2 and 37 rows (the model tests' prompt).
+TINY_BLOCK = (16, 32)
+TINY_LINEARS = [(24, 64), (96, 24), (40, 64), (128, 32), (64, 64), (32, 64), (128, 64), (64, 128)]
+
+
+@interpret
+@pytest.mark.parametrize("m", [1, 2, 37])
+@pytest.mark.parametrize("n,k", TINY_LINEARS)
+def test_interp_fp8_linear_at_the_tiny_checkpoint_shapes(m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    x = (torch.randn(m, k + 8, generator=g) * torch.rand(k + 8, generator=g).add(0.1) * 3)[:, :k]  # row stride k + 8
+    w, s = fp8_weight(n, k, block=TINY_BLOCK, seed=n + k)
+    out = fp8_mod._fp8_linear_triton(x, w, s, TINY_BLOCK, None, torch.float32)
+    ref = fp8_linear_ref(x, w, s, TINY_BLOCK, out_dtype=torch.float32)
+    # Same quantized operands, fp32 sums in another order: each element within a few fp32 ulps of its terms' sum.
+    terms = dumb_group_quant_dequant(x, TINY_BLOCK[1]).abs() @ dumb_dequant(w, s, TINY_BLOCK).abs().t()
+    assert ((out - ref).abs() <= 2.0 ** -15 * terms).all()
+
+
+@interpret
+@pytest.mark.parametrize("m", [1, 2, 37])
+def test_interp_fused_moe_fp8_at_the_tiny_checkpoint_shapes(m):
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+    w13, w2, s13, s2 = moe_fp8_weights(8, 64, 64, TINY_BLOCK, seed=m)
+    ids, wts = routing(m, 8, 2, seed=m)
+    out = fp8_mod._fused_moe_fp8_triton(x, w13, w2, ids, wts, s13, s2, TINY_BLOCK, out=torch.empty(m, 64))
+    ref = fused_moe_fp8_ref(x, w13, w2, ids, wts, s13, s2, TINY_BLOCK, out_dtype=torch.float32)
+    # No activation of these seeds lies within fp32 noise of an e4m3 tie, so only the sums' order differs (a flip
+    # would cost ~1e-3).
+    assert rel_err(out, ref) < 1e-5
+
+
 @interpret
 def test_interp_kernels_refuse_a_non_power_of_two_group():
     w, s = fp8_weight(64, 96, block=(64, 96))
@@ -360,9 +426,23 @@ def test_gpu_group_quant_is_bitwise_the_reference(m, k):
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("m", [1, 2, 37])
+@pytest.mark.parametrize("k", [64, 24])
+def test_gpu_group_quant_of_the_tiny_checkpoints_is_bitwise_the_reference(m, k):
+    """fp32 activations in groups of 32 (tiny.FP8_BLOCK), a strided view as MLA's kv_b_proj gets."""
+    x = (torch.randn(m, k + 8, device="cuda") * 3)[:, :k]
+    x[m // 2] = 0
+    q, s = quantize_per_token_group(x, TINY_BLOCK[1])
+    q_ref, s_ref = quantize_per_token_group_ref(x.cpu(), TINY_BLOCK[1])
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@requires_gpu
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
 @pytest.mark.parametrize("n,k,block", [(4096, 2048, (128, 128)), (2048, 512, (128, 128)),
-                                       (200, 300, (128, 128)), (96, 192, (64, 64))])
+                                       (200, 300, (128, 128)), (96, 192, (64, 64)),
+                                       (40, 64, TINY_BLOCK), (96, 24, TINY_BLOCK), (128, 32, TINY_BLOCK)])
 def test_gpu_fp8_linear(m, n, k, block):
     torch.manual_seed(m + n)
     x = torch.randn(m, k, device="cuda").bfloat16()
@@ -417,6 +497,20 @@ def test_gpu_fused_moe_fp8(n, e, k, h, inter):
     assert torch.equal(fused_moe_fp8(x, w13, w2, ids, wts, s13, s2, BLOCK), out)  # deterministic
     full = fused_moe_fp8(x, w13, w2, ids, wts, s13, s2, BLOCK, out_dtype=torch.float32)
     assert torch.equal(full.bfloat16(), out)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("n", [1, 2, 37, 300])
+def test_gpu_fused_moe_fp8_at_the_tiny_checkpoint_shapes(n):
+    """8 experts, top-2, H = I = 64 in blocks of (16, 32); fp32 activations; 300 tokens take the large tiles."""
+    torch.manual_seed(n)
+    x = torch.randn(n, 64, device="cuda")
+    w13, w2, s13, s2 = moe_fp8_weights(8, 64, 64, TINY_BLOCK, seed=n, device="cuda")
+    ids, wts = routing(n, 8, 2, seed=n, device="cuda")
+    out = fused_moe_fp8(x, w13, w2, ids, wts, s13, s2, TINY_BLOCK)
+    ref = fused_moe_fp8_ref(*cpu(x, w13, w2, ids, wts, s13, s2), TINY_BLOCK)
+    assert rel_err(out, ref) < 1e-2  # as test_gpu_fused_moe_fp8 (requantization flips)
 
 
 @pytest.mark.gpu
