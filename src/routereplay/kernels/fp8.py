@@ -495,29 +495,6 @@ def fp8_moe_config(num_tokens: int, top_k: int, num_experts: int) -> dict:
     return FP8_MOE_CONFIG_SMALL if small else FP8_MOE_CONFIG_LARGE
 
 
-def _moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """kernels.moe's alignment, same kernels and launch: (counts [E], pairs [num_blocks * block_m], num_blocks)."""
-    M, E, dev = ids.numel(), num_experts, ids.device
-    e_pad = max(16, _next_pow2(E))
-    # Upper bound on padded rows: each non-empty expert (at most min(E, M)) wastes < block_m rows.
-    num_blocks = triton.cdiv(M + min(E, M) * (block_m - 1), block_m)
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
-    if M <= _moe.MOE_ONE_PROGRAM_ALIGN_MAX:
-        cursor = torch.empty(E, dtype=torch.int32, device=dev)
-        _moe._moe_align_one_program_kernel[(1,)](
-            ids, counts, cursor, pairs, M, E, E_PAD=e_pad, BLOCK_M=block_m,
-            CHUNK=min(_moe._ALIGN_CHUNK, max(16, _next_pow2(M))), num_warps=4)
-    else:
-        counts.zero_()
-        rank = torch.empty(M, dtype=torch.int32, device=dev)
-        _moe._moe_count_kernel[(triton.cdiv(M, 1024),)](ids, counts, rank, M, BLOCK=1024, num_warps=4)
-        blk = max(16, 8192 // e_pad)  # keeps the [BLOCK, E_PAD] compare small
-        _moe._moe_scatter_kernel[(triton.cdiv(M, blk),)](ids, counts, rank, pairs, M, E, E_PAD=e_pad,
-                                                         BLOCK_M=block_m, BLOCK=blk, num_warps=4)
-    return counts, pairs, num_blocks
-
-
 def _fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                           topk_weights: torch.Tensor, w13_scale_inv: torch.Tensor, w2_scale_inv: torch.Tensor,
                           block: tuple[int, int], config: dict | None = None,
@@ -538,7 +515,7 @@ def _fused_moe_fp8_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     bm = cfg["block_m"]
     dev = x.device
     e_pad = max(16, _next_pow2(E))
-    counts, pairs, num_blocks = _moe_align(topk_ids.reshape(-1), E, bm)
+    counts, pairs, num_blocks = _moe.moe_align(topk_ids.reshape(-1), E, bm)
     xq, xs = _quantize_per_token_group_triton(x, group)
     s13, s2 = w13_scale_inv.contiguous(), w2_scale_inv.contiguous()
     act = torch.empty(num_blocks * bm, inter, dtype=FP8_DTYPE, device=dev)

@@ -232,6 +232,29 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int) -> dict:
     return MOE_CONFIG_SMALL if small else MOE_CONFIG_LARGE
 
 
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Step 1 on the device: the flat (token, expert) pair ids grouped by expert into block_m-padded blocks.
+    Returns (counts [E], pairs [num_blocks * block_m] of pair indices, num_blocks: a bound from shapes only)."""
+    M, E, dev = ids.numel(), num_experts, ids.device
+    e_pad = max(16, _next_pow2(E))
+    # Upper bound on padded rows: each non-empty expert (at most min(E, M)) wastes < block_m rows.
+    num_blocks = triton.cdiv(M + min(E, M) * (block_m - 1), block_m)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
+    if M <= MOE_ONE_PROGRAM_ALIGN_MAX:
+        cursor = torch.empty(E, dtype=torch.int32, device=dev)
+        _moe_align_one_program_kernel[(1,)](ids, counts, cursor, pairs, M, E, E_PAD=e_pad, BLOCK_M=block_m,
+                                            CHUNK=min(_ALIGN_CHUNK, max(16, _next_pow2(M))), num_warps=4)
+    else:
+        counts.zero_()
+        rank = torch.empty(M, dtype=torch.int32, device=dev)
+        _moe_count_kernel[(triton.cdiv(M, 1024),)](ids, counts, rank, M, BLOCK=1024, num_warps=4)
+        blk = max(16, 8192 // e_pad)  # keeps the [BLOCK, E_PAD] compare small
+        _moe_scatter_kernel[(triton.cdiv(M, blk),)](ids, counts, rank, pairs, M, E, E_PAD=e_pad,
+                                                    BLOCK_M=block_m, BLOCK=blk, num_warps=4)
+    return counts, pairs, num_blocks
+
+
 def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                       topk_weights: torch.Tensor, config: dict | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,21 +276,7 @@ def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     wts = topk_weights.reshape(-1).to(torch.float32)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     e_pad = max(16, _next_pow2(E))
-    # Upper bound on padded rows: each non-empty expert (at most min(E, M)) wastes < bm rows.
-    num_blocks = triton.cdiv(M + min(E, M) * (bm - 1), bm)
-    counts = torch.empty(E, dtype=torch.int32, device=dev)
-    pairs = torch.empty(num_blocks * bm, dtype=torch.int32, device=dev)
-    if M <= MOE_ONE_PROGRAM_ALIGN_MAX:
-        cursor = torch.empty(E, dtype=torch.int32, device=dev)
-        _moe_align_one_program_kernel[(1,)](ids, counts, cursor, pairs, M, E, E_PAD=e_pad, BLOCK_M=bm,
-                                            CHUNK=min(_ALIGN_CHUNK, max(16, _next_pow2(M))), num_warps=4)
-    else:
-        counts.zero_()
-        rank = torch.empty(M, dtype=torch.int32, device=dev)
-        _moe_count_kernel[(triton.cdiv(M, 1024),)](ids, counts, rank, M, BLOCK=1024, num_warps=4)
-        blk = max(16, 8192 // e_pad)  # keeps the [BLOCK, E_PAD] compare small
-        _moe_scatter_kernel[(triton.cdiv(M, blk),)](ids, counts, rank, pairs, M, E, E_PAD=e_pad,
-                                                    BLOCK_M=bm, BLOCK=blk, num_warps=4)
+    counts, pairs, num_blocks = moe_align(ids, E, bm)
     act = torch.empty(num_blocks * bm, inter, dtype=x.dtype, device=dev)
     bn, bk = cfg["gu_block_n"], cfg["gu_block_k"]
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
