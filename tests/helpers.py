@@ -115,3 +115,17 @@ def count_round_trips(store, monkeypatch) -> list:
 
     monkeypatch.setattr(store.client, "pipeline", counting_pipeline)
     return executes
+
+
+def capture_graph(step):
+    """Run ``step()`` once on a side stream (Triton compiles, allocations), then capture it in a CUDA graph:
+    returns (graph, the outputs of the captured call)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out

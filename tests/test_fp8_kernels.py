@@ -27,6 +27,7 @@ from routereplay.kernels.fp8 import (
     quantize_per_token_group_ref,
 )
 from routereplay.kernels.moe import fused_moe_ref
+from tests.helpers import capture_graph
 
 BLOCK = (128, 128)
 
@@ -527,14 +528,7 @@ def test_gpu_fp8_cuda_graph_replay():
     def step():
         return fp8_linear(s_x, w, s, BLOCK), fused_moe_fp8(s_x, w13, w2, s_ids, s_w, s13, s2, BLOCK)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile + warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_lin, o_moe = step()
+    graph, (o_lin, o_moe) = capture_graph(step)
     for seed in range(3):
         torch.manual_seed(seed)
         s_x.copy_(torch.randn(B, H, device="cuda"))

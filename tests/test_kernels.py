@@ -15,6 +15,7 @@ from routereplay.kernels import attention as attn_mod
 from routereplay.kernels import moe as moe_mod
 from routereplay.kernels.attention import decode_attention_ref, prefill_attention_ref, store_kv_ref
 from routereplay.kernels.moe import fused_moe_ref
+from tests.helpers import capture_graph
 
 INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 interpret = pytest.mark.skipif(not INTERPRET, reason="interpreter tests need TRITON_INTERPRET=1 and triton")
@@ -444,14 +445,7 @@ def test_gpu_cuda_graph_replay():
         store_kv(s_k, s_v, kc, vc, s_slots)
         return decode_attention(s_q, kc, vc, s_bt, s_ctx, d ** -0.5), fused_moe(s_x, w13, w2, s_ids, s_w)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile + warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_attn, o_moe = step()
+    graph, (o_attn, o_moe) = capture_graph(step)
 
     for trial in range(3):
         torch.manual_seed(100 + trial)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from routereplay.kernels.attention import HAS_TRITON, _next_pow2
+from routereplay.kernels.attention import HAS_TRITON, _next_pow2, _use_triton
 
 if HAS_TRITON:
     import triton
@@ -87,10 +87,6 @@ if HAS_TRITON:
         ids = tl.load(ids_ptr + r[:, None].to(tl.int64) * stride_in + k[None, :] * stride_ik, mask=mask[:, None])
         tl.store(cache_ptr + slot[:, None].to(tl.int64) * stride_cs + k[None, :],
                  ids.to(cache_ptr.dtype.element_ty), mask=mask[:, None])
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and t.is_cuda
 
 
 def _softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
