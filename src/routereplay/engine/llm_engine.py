@@ -79,7 +79,7 @@ class LLMEngine:
         # Per step only the requests that can have news are visited, not every one in flight (1,024 in RL):
         self._streams: dict[str, _Request] = {}  # requests with stream=True
         self._completing: dict[str, _Request] = {}  # requests with a finished sample since they were last visited
-        self._gathers: list[tuple[_Request, CompletionOutput, Sequence, list[int]]] = []  # rows to copy this step
+        self._gathers: list[tuple[_Request, CompletionOutput, list[int], int]] = []  # (.., block table, rows) to copy
         self._rng = random.Random(config.seed)
         self.store_writer = None
         rr = config.routing_replay
@@ -194,12 +194,9 @@ class LLMEngine:
         failed: list[RequestOutput] = []
         if batch:
             sampled, tokens, logprobs, tops, errors = self.runner.run(batch)
-            blocks = self.scheduler.blocks
-            bs = self.config.block_size
             for seq, n in batch:
                 seq.num_computed_tokens += n
-                if seq.num_computed_tokens // bs > len(seq.block_hashes):  # a block filled: cache it
-                    blocks.commit(seq)
+                self.scheduler.blocks.commit(seq)
             broken: dict[str, str] = {}  # request id -> its first broken sample's error
             if any(err is not None for err in errors):
                 for seq, err in zip(sampled, errors, strict=True):
@@ -208,13 +205,14 @@ class LLMEngine:
                                                           f"non-finite distribution at position {len(seq)} ({err})")
             failed = [self._fail(self.requests[rid], error) for rid, error in broken.items()]
             eos, max_len = self.model_config.eos_token_ids, self.config.max_model_len
-            with_stop_strings = []
+            with_stop_strings, appended = [], 0
             # one pass per sampled sequence (1,024 in RL): this loop is the host's per-step cost
             for seq, token, lp, top in zip(sampled, tokens, logprobs, tops, strict=True):
                 if broken and seq.request_id in broken:  # ended by _fail: no token of this step
                     continue
                 seq.token_ids.append(token)
                 seq.logprobs.append(lp)
+                appended += 1
                 if top is not None:
                     seq.top_logprobs.append(top)
                 p = seq.params
@@ -227,8 +225,7 @@ class LLMEngine:
                 # validate keeps prompt + max_tokens within max_model_len: the second test is a safety net
                 elif generated >= p.max_tokens or len(seq.token_ids) >= max_len:
                     self._finish(seq, "length")
-            self._counters["generation_tokens"] += len(sampled) - (sum(s.request_id in broken for s in sampled)
-                                                                   if broken else 0)
+            self._counters["generation_tokens"] += appended
             hits = self._stop_strings(with_stop_strings) if with_stop_strings else {}
             for seq in with_stop_strings:
                 seq.stop_reason = hits.get(seq)
@@ -311,7 +308,7 @@ class LLMEngine:
             if seq.num_computed_tokens >= len(seq) - 1:
                 # the block table as it is now: finish() below releases the blocks (no later step runs before
                 # _gather_routing, so nothing overwrites them first)
-                self._gathers.append((req, out, seq, list(seq.block_table)))
+                self._gathers.append((req, out, list(seq.block_table), len(seq) - 1))
             else:  # only an abort ends a sample before every token but the last was forwarded
                 out.routing_error = (f"aborted with {seq.num_computed_tokens} of {len(seq) - 1} routing rows computed "
                                      "(prefill unfinished or preempted): no routing")
@@ -324,12 +321,11 @@ class LLMEngine:
         each sample's rows are a view of the shared host buffer, delivered once its copy has landed."""
         if not self._gathers:
             return
-        spans = [(table, 0, len(seq) - 1) for _, _, seq, table in self._gathers]
-        host, event = self.runner.gather_routing(spans)
+        host, event = self.runner.gather_routing([(table, 0, rows) for _, _, table, rows in self._gathers])
         start = 0
-        for (req, out, _, _), (_, a, b) in zip(self._gathers, spans, strict=True):
-            req.pending.append((out, host[start : start + b - a], event))
-            start += b - a
+        for req, out, _, rows in self._gathers:
+            req.pending.append((out, host[start : start + rows], event))
+            start += rows
         self._gathers = []
 
     def _collect(self, block: bool) -> list[RequestOutput]:
