@@ -385,15 +385,18 @@ def test_every_field_at_its_limits_gets_no_5xx(hard: Server) -> None:
     cases += [(CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, f: v})
               for f in ("messages", "max_completion_tokens", "top_logprobs", "logprobs", "n") for v in LIMIT_VALUES]
     bad = []
-    for path, body in cases:
+    # sent 16 at a time through one pooled client (the engine batches the ones it accepts): ~1,000 cases
+    with httpx.Client(base_url=hard.url, timeout=60, headers={"content-type": "application/json"},
+                      limits=httpx.Limits(max_connections=16)) as client, ThreadPoolExecutor(16) as pool:
         # NaN / inf go out as the JSON literals clients such as Python's json send
-        r = hard.post(path, content=json.dumps(body).encode())
-        if r.status_code >= 500 or "NaN" in r.text or "Infinity" in r.text:
-            bad.append((path, body, r.status_code, r.text[:200]))
-        elif r.status_code >= 400:
-            param = r.json()["error"]["param"] or ""
-            top = param.split(".")[0].split("[")[0]
-            if top not in body and top != "body":
-                bad.append((path, body, r.status_code, f"param {param!r} is not a field of the body"))
+        answers = pool.map(lambda case: client.post(case[0], content=json.dumps(case[1]).encode()), cases)
+        for (path, body), r in zip(cases, answers, strict=True):
+            if r.status_code >= 500 or "NaN" in r.text or "Infinity" in r.text:
+                bad.append((path, body, r.status_code, r.text[:200]))
+            elif r.status_code >= 400:
+                param = r.json()["error"]["param"] or ""
+                top = param.split(".")[0].split("[")[0]
+                if top not in body and top != "body":
+                    bad.append((path, body, r.status_code, f"param {param!r} is not a field of the body"))
     assert not bad, bad[:10]
     assert hard.post(CMP, GOOD).status_code == 200
