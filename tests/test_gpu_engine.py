@@ -34,6 +34,26 @@ def test_graphs_match_eager_and_debug_rows_are_positions(qwen):
         np.testing.assert_array_equal(r, np.broadcast_to(np.arange(n - 1)[:, None, None], r.shape))
 
 
+def test_routing_from_the_copier_thread_is_exact_and_not_pinned(qwen):
+    """Samples finish at different steps, under preemption and table-row reuse: each finish burst's rows are
+    gathered from the device block tables and copied by the copier thread while later steps run. Debug rows
+    must be the positions, and the arrays plain pageable memory (no pinned buffer kept alive by users)."""
+    llm = LLM(qwen, dtype="float32", max_model_len=256, block_size=16, max_num_seqs=8, num_kv_blocks=24,
+              routing_replay={"enable": True, "debug": True})
+    ps = prompts(24, seed=3, lo=2, hi=60)
+    sps = [SamplingParams(temperature=0, max_tokens=1 + 3 * i, ignore_eos=True, n=1 + i % 3) for i in range(24)]
+    outs = llm.generate(prompt_token_ids=ps, sampling_params=sps, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0, "the test must preempt"
+    for o, sp in zip(outs, sps, strict=True):
+        assert len(o.outputs) == sp.n
+        for c in o.outputs:
+            r = c.routed_experts
+            assert len(c.token_ids) == sp.max_tokens
+            n = len(o.prompt_token_ids) + len(c.token_ids)
+            np.testing.assert_array_equal(r, np.broadcast_to(np.arange(n - 1)[:, None, None], r.shape))
+            assert not torch.from_numpy(r).is_pinned()
+
+
 def test_bf16_routing_rows_are_distinct_ids_under_graphs(qwen):
     llm = LLM(qwen, dtype="bfloat16", max_model_len=256, routing_replay={"enable": True}, num_kv_blocks=64)
     outs = llm.generate(prompt_token_ids=prompts(16, seed=2), sampling_params=SamplingParams(

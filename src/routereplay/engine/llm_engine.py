@@ -43,7 +43,7 @@ class _Request:
     stream: bool = False  # step() returns per-step deltas of its samples
     sent: list[int] = field(default_factory=list)  # per sample: tokens already returned as deltas
     done: dict[int, CompletionOutput] = field(default_factory=dict)
-    pending: list = field(default_factory=list)  # (output, host rows, event) awaiting the device copy
+    pending: list = field(default_factory=list)  # (output, Future of the arrays, index) awaiting the host copy
 
 
 def load_tokenizer(model_dir: str):
@@ -79,7 +79,7 @@ class LLMEngine:
         # Per step only the requests that can have news are visited, not every one in flight (1,024 in RL):
         self._streams: dict[str, _Request] = {}  # requests with stream=True
         self._completing: dict[str, _Request] = {}  # requests with a finished sample since they were last visited
-        self._gathers: list[tuple[_Request, CompletionOutput, list[int], int]] = []  # (.., block table, rows) to copy
+        self._gathers: list[tuple[_Request, CompletionOutput, int, int]] = []  # (.., table row, rows) to copy
         self._rng = random.Random(config.seed)
         self.store_writer = None
         rr = config.routing_replay
@@ -306,9 +306,9 @@ class LLMEngine:
                                routed_experts_start=seq.params.routed_experts_start)
         if req.want_routing or req.stores_routing:
             if seq.num_computed_tokens >= len(seq) - 1:
-                # the block table as it is now: finish() below releases the blocks (no later step runs before
-                # _gather_routing, so nothing overwrites them first)
-                self._gathers.append((req, out, list(seq.block_table), len(seq) - 1))
+                # its device block-table row: finish() below releases the row and the blocks, but no later
+                # step runs before _gather_routing, so nothing overwrites them first
+                self._gathers.append((req, out, seq.table_row, len(seq) - 1))
             else:  # only an abort ends a sample before every token but the last was forwarded
                 out.routing_error = (f"aborted with {seq.num_computed_tokens} of {len(seq) - 1} routing rows computed "
                                      "(prefill unfinished or preempted): no routing")
@@ -318,14 +318,12 @@ class LLMEngine:
 
     def _gather_routing(self) -> None:
         """One device gather and one host copy for the routing of every sample finished since the last call;
-        each sample's rows are a view of the shared host buffer, delivered once its copy has landed."""
+        each sample's rows are delivered once that copy has landed."""
         if not self._gathers:
             return
-        host, event = self.runner.gather_routing([(table, 0, rows) for _, _, table, rows in self._gathers])
-        start = 0
-        for req, out, _, rows in self._gathers:
-            req.pending.append((out, host[start : start + rows], event))
-            start += rows
+        arrays = self.runner.gather_routing([(row, n) for _, _, row, n in self._gathers])
+        for i, (req, out, _, _) in enumerate(self._gathers):
+            req.pending.append((out, arrays, i))
         self._gathers = []
 
     def _collect(self, block: bool) -> list[RequestOutput]:
@@ -341,13 +339,11 @@ class LLMEngine:
     def _complete(self, req: _Request, block: bool) -> RequestOutput | None:
         """Deliver the routing copies that have landed (all with ``block``); the output once every sample is done."""
         still = []
-        for out, rows, event in req.pending:
-            if event is not None and not (block or event.query()):
-                still.append((out, rows, event))
+        for out, arrays, i in req.pending:
+            if not (block or arrays.done()):
+                still.append((out, arrays, i))
                 continue
-            if event is not None:
-                event.synchronize()
-            self._deliver_routing(req, out, rows)
+            self._deliver_routing(req, out, arrays.result()[i])
         req.pending = still
         if len(req.done) < req.params.n or req.pending:
             return None
@@ -360,8 +356,7 @@ class LLMEngine:
                              num_cached_tokens=head.num_cached_prompt_tokens,
                              prompt_logprobs=None if head.needs_prompt_logprobs else prompt_lps)
 
-    def _deliver_routing(self, req: _Request, out: CompletionOutput, rows: torch.Tensor) -> None:
-        array = rows.numpy()
+    def _deliver_routing(self, req: _Request, out: CompletionOutput, array: np.ndarray) -> None:
         if not self.config.routing_replay.debug and self.model_config.routing_dtype == np.uint16:
             array = array.view(np.uint16)  # stored as int16 on the device: same bits
         if req.stores_routing:
@@ -524,3 +519,4 @@ class LLMEngine:
             self.runner.release_graphs()
             self.runner.workers.close()
             self.runner.workers = None
+        self.runner.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,6 +114,9 @@ class ModelRunner:
         self.block_tables = torch.zeros(config.max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
         self.workers = None  # the other tensor-parallel ranks (engine.workers.Workers), set by the engine
+        if self.device.type == "cuda":  # gather_routing's device-to-host copies, off the step loop
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="routing-copy")
+            self._copy_stream = torch.cuda.Stream(self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_capture_seconds = 0.0
         graph_safe = all(getattr(layer.self_attn, "graph_safe", True) for layer in self.model.model.layers)
@@ -570,26 +574,43 @@ class ModelRunner:
         return self.g_out[:n]
 
     # ---- routing and weights --------------------------------------------------------------------
-    def gather_routing(self, spans: list[tuple[list[int], int, int]]) -> tuple[torch.Tensor, object]:
-        """Routing rows of positions start..end-1 of each span's sequence (its block table, start, end),
-        concatenated in span order, copied towards the host in one gather and one copy, without a sync.
+    def gather_routing(self, spans: list[tuple[int, int]]) -> Future:
+        """Routing rows of positions 0..n-1 of each span's sequence (its block-table row, n), gathered on the
+        device in one launch sequence from the device block tables, without a sync.
 
-        Returns (host tensor, CUDA event or None); the rows are valid once the event has completed.
-        Must be called before the sequences' blocks are reused: the gather is ordered on the stream before
-        any later write to those slots.
+        Returns a Future of one numpy array per span (views of one host buffer per call, plain pageable
+        memory: nothing pinned stays alive with them). On CUDA a copier thread moves the rows on its own
+        stream once the gather has run, so the step loop never waits for it. Must be called before the
+        sequences' table rows or blocks are reused: later steps are ordered after the gather on the stream.
         """
-        bs = self.block_size
-        idx = np.concatenate([(np.asarray(table, dtype=np.int64)[:, None] * bs + np.arange(bs)).ravel()[start:end]
-                              for table, start, end in spans])
-        idx_t = torch.from_numpy(idx)
+        lengths = [n for _, n in spans]
+        meta = torch.tensor([[r for r, _ in spans], lengths], dtype=torch.int64).to(self.device, non_blocking=True)
+        total, bs = sum(lengths), self.block_size
+        seg = torch.repeat_interleave(torch.arange(len(spans), device=self.device), meta[1], output_size=total)
+        pos = torch.arange(total, device=self.device) - (torch.cumsum(meta[1], 0) - meta[1])[seg]
+        slots = self.block_tables[meta[0][seg], torch.div(pos, bs, rounding_mode="floor")].long() * bs + pos % bs
+        rows = self.routing_cache[slots]
         if self.device.type != "cuda":
-            return self.routing_cache[idx_t], None
-        rows = self.routing_cache[idx_t.pin_memory().to(self.device, non_blocking=True)]
-        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-        host.copy_(rows, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+            done: Future = Future()
+            done.set_result(list(np.split(rows.numpy(), np.cumsum(lengths)[:-1])))
+            return done
+        gathered = torch.cuda.Event()
+        gathered.record()
+        return self._copier.submit(self._copy_routing, rows, gathered, lengths)
+
+    def close(self) -> None:
+        """Stop the routing copier thread once the copies it holds have landed."""
+        if self.device.type == "cuda":
+            self._copier.shutdown(wait=True)
+
+    def _copy_routing(self, rows: torch.Tensor, gathered: torch.cuda.Event, lengths: list[int]) -> list[np.ndarray]:
+        """On the copier thread: a pageable device-to-host copy on a side stream (the driver stages it),
+        after the gather; ``rows`` is freed here once the copy has finished."""
+        host = torch.empty(rows.shape, dtype=rows.dtype)  # pageable
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(gathered)
+            host.copy_(rows)
+        return list(np.split(host.numpy(), np.cumsum(lengths)[:-1]))
 
     def update_weights(self, named_tensors) -> int:
         if "weights" in self.released:  # their storages hold no memory: nothing may be written to them
