@@ -82,11 +82,30 @@ class Ours:
                        max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
                        max_num_batched_tokens=MAX_BATCHED_TOKENS, gpu_memory_utilization=util)
         self.routing = routing
-        # the profile of a row: engine steps, and host time in the routing return (the gather launch, then
-        # delivering arrays once their copies have landed); instance attributes shadow the engine's methods
-        eng, self.prof = self.llm.engine, dict(steps=0, routing_host_s=0.0)
+        # the profile of a row (instance attributes shadow the engine's methods): engine steps; forward time of
+        # pure decode steps and of steps that carry prompt tokens (runner.run returns sampled tokens to the host,
+        # so it ends with the GPU work); tokens forwarded (prefix-cache hits are not); host time in the routing
+        # return (the gather launch, then delivering arrays once their copies have landed)
+        eng = self.llm.engine
+        self._reset()
         for name in ("step", "_gather_routing", "_collect"):
             setattr(eng, name, self._profiled(name, getattr(eng, name)))
+        run = eng.runner.run
+
+        def timed_run(batch):
+            t = time.perf_counter()
+            out = run(batch)
+            kind = "decode" if all(n == 1 for _, n in batch) else "prefill"
+            self.prof[f"{kind}_s"] += time.perf_counter() - t
+            self.prof[f"{kind}_steps"] += 1
+            self.prof["forwarded_tokens"] += sum(n for _, n in batch)
+            return out
+        eng.runner.run = timed_run
+
+    def _reset(self) -> dict:
+        keys = ("steps", "decode_steps", "prefill_steps", "forwarded_tokens", "decode_s", "prefill_s", "routing_host_s")
+        p, self.prof = getattr(self, "prof", None), dict.fromkeys(keys, 0)
+        return p
 
     def _profiled(self, name, fn):
         def call(*a, **k):
@@ -101,9 +120,12 @@ class Ours:
         return call
 
     def profile(self, seconds: float) -> dict:
-        p, self.prof = self.prof, dict(steps=0, routing_host_s=0.0)
+        p = self._reset()
         return dict(steps=p["steps"], ms_per_step=round(seconds / max(p["steps"], 1) * 1e3, 3),
-                    routing_host_s=round(p["routing_host_s"], 4))
+                    decode_steps=p["decode_steps"], decode_ms_per_step=round(p["decode_s"] / max(p["decode_steps"], 1)
+                                                                             * 1e3, 3),
+                    prefill_steps=p["prefill_steps"], prefill_s=round(p["prefill_s"], 4),
+                    forwarded_tokens=p["forwarded_tokens"], routing_host_s=round(p["routing_host_s"], 4))
 
     def version(self) -> str:
         import routereplay

@@ -35,7 +35,10 @@ def _check_record(device: str) -> None:
         want = cache.clone()
         record_routing_ref(want, slots, moe_index, rows)
         router._record_routing_triton(cache, slots, moe_index, rows)
-        assert torch.equal(cache, want)
+        # the last row is the padding rows' scratch slot: two padding rows race for it (on a GPU either may win)
+        assert torch.equal(cache[:-1], want[:-1])
+        assert any(torch.equal(cache[-1, moe_index], rows[i].to(cache.dtype)) for i in (2, 5))
+        assert torch.equal(cache[-1, :moe_index], want[-1, :moe_index])
 
 
 @interpret
