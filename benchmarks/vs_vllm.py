@@ -311,6 +311,14 @@ def table(args) -> None:
             print(f"\n{e} routing {rt}, each run (tok/s): " + "; ".join(
                 f"{k} " + " / ".join(f"{r['rows'][k]['out_tok_s']:,.0f}" for r in rs if k in r["rows"])
                 for k in sorted({k for r in rs for k in r["rows"] if k != "d"})), end="")
+
+    def mean(engine: str, routing: str, row: str) -> float | None:
+        got = [r["rows"][row]["out_tok_s"] for r in every.get((engine, routing), []) if row in r["rows"]]
+        return sum(got) / len(got) if got else None
+    for e in ("routereplay", "vllm"):
+        pairs = {k: ratio(mean(e, "on", k), mean(e, "off", k)) for k in ("a_pass1", "a_pass2", "b")}
+        if any(v != "-" for v in pairs.values()):
+            print(f"\n{e} on / off from the mean of each side's runs: {pairs}", end="")
     profiled = {f"{e}/{rt}": {k: v["profile"] for k, v in r["rows"].items() if "profile" in v} for (e, rt), r in
                 by.items()}
     print(f"\n\nprofile (routereplay: engine steps, mean ms per step, host seconds in the routing return): {profiled}")

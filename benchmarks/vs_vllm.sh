@@ -9,6 +9,8 @@
 #                                            `vllm vllm_off --routing off --rows a,b`)
 #   bash benchmarks/vs_vllm.sh ours [ARGS]   this engine in alternating processes: routing on (every row), off,
 #                                            on, off (rows a, b): on / off from the best of two runs each
+#   bash benchmarks/vs_vllm.sh onoff ROWS N  N more off / on process pairs on ROWS (a process's decode step
+#                                            varies by ~5% at row a: 2026-12-02 in docs/PERFORMANCE.md)
 # ARGS go to `vs_vllm.py run` (e.g. --output-scale 0.25). Each process stops at 580 s (its JSON keeps the rows
 # done). Do not wait for background steps with `pgrep -f` on their command line: it matches the waiting shell.
 # Results (JSON, routing .npz, logs) go to $OUT; `python benchmarks/vs_vllm.py table $OUT/*.json` prints the table.
@@ -41,6 +43,10 @@ case "$1" in
       [ $((SECONDS - t0)) -lt 380 ] || { echo "skipped $name (time)"; continue; }
       routing=on; [[ $name == *off* ]] && routing=off
       run "$name" --engine routereplay "${@:2}" --routing "$routing" --rows a,b
+    done ;;
+  onoff)  # onoff ROWS N: N more off/on process pairs of this engine on ROWS (e.g. `onoff a 5`), off first
+    for i in $(seq "$3"); do
+      for routing in off on; do run "onoff_${routing}_$i" --engine routereplay --routing "$routing" --rows "$2"; done
     done ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac

@@ -246,6 +246,8 @@ class ModelRunner:
             self.released -= {"kv_cache"}
         self.released -= tags
         if not self.released and self.use_graphs and not self.graphs:
+            # a capture fails if another thread synchronizes meanwhile: let the routing copies in flight land
+            self._copier.submit(lambda: None).result()
             try:
                 self._capture_graphs()
             except BaseException:  # no half set of graphs: eager until a later resume_memory captures them
