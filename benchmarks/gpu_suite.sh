@@ -32,7 +32,7 @@ python -c 'import torch, triton, transformers as t; print("torch", torch.__versi
   "transformers", t.__version__, "GPUs", torch.cuda.device_count(), torch.cuda.get_device_name())'
 for part in "${@:-tests}"; do
   case "$part" in
-    tests)  # ~7 min on a cold Triton cache, ~3 min warm; the store and server tests need redis / fastapi, which the
+    tests)  # over 4 min on a cold Triton cache, ~3 min warm; the store and server tests need redis / fastapi, which the
       # GPU machine lacks (they have no gpu tests)
       step gpu_tests 420 python -m pytest -m gpu tests --ignore=tests/test_store.py --ignore=tests/test_server.py \
         --ignore=tests/test_server_hardening.py --ignore=tests/test_store_outage.py \
