@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routereplay.kernels import router
-from routereplay.kernels.router import record_routing_ref, softmax_topk_ref
+from routereplay.kernels.router import RoutingRecord, record_routing_ref, softmax_topk_ref
 from tests.test_fused import INTERPRET, requires_gpu
 
 interpret = pytest.mark.skipif(not INTERPRET, reason="interpreter tests need TRITON_INTERPRET=1 and triton")
@@ -39,6 +39,29 @@ def _check_record(device: str) -> None:
         assert torch.equal(cache[:-1], want[:-1])
         assert any(torch.equal(cache[-1, moe_index], rows[i].to(cache.dtype)) for i in (2, 5))
         assert torch.equal(cache[-1, :moe_index], want[-1, :moe_index])
+
+
+def _check_fused_record(device: str, dtype: torch.dtype, debug: bool) -> None:
+    """The router epilogue with its routing write fused: the same ids and weights as without it, and the cache
+    as the unfused write leaves it (one padding row, slot -1: the scratch row)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 128, generator=g).to(device)
+    cache = torch.randint(0, 100, (50, 3, 8), generator=g).to(device, dtype)
+    slots = torch.tensor([7, 0, 48, -1, 12, 13, 30, 2, 41], device=device)
+    positions = torch.arange(100, 109, device=device) if debug else None
+    want_ids, want_w = router._softmax_topk_triton(logits, 8, True)
+    want = cache.clone()
+    record_routing_ref(want, slots, 1, want_ids if not debug else positions[:, None].expand(9, 8))
+    ids, w = router._softmax_topk_triton(logits, 8, True, RoutingRecord(cache, slots, 1, positions))
+    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+    assert torch.equal(cache, want)
+
+
+@interpret
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+@pytest.mark.parametrize("debug", [False, True])
+def test_interp_softmax_topk_writes_routing(dtype, debug):
+    _check_fused_record("cpu", dtype, debug)
 
 
 @interpret
@@ -74,3 +97,11 @@ def test_gpu_softmax_topk(n, e, k, renorm, dtype):
 @requires_gpu
 def test_gpu_record_routing():
     _check_record("cuda")
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+@pytest.mark.parametrize("debug", [False, True])
+def test_gpu_softmax_topk_writes_routing(dtype, debug):
+    _check_fused_record("cuda", dtype, debug)

@@ -17,15 +17,19 @@ from routereplay.layers.parallel import TP, all_reduce, check_shard_on_blocks, f
 
 
 class SoftmaxTopKRouter(nn.Module):
-    """Qwen2/Qwen3-MoE and Mixtral: softmax over all experts, top-k, optional renormalisation."""
+    """Qwen2/Qwen3-MoE and Mixtral: softmax over all experts, top-k, optional renormalisation. Writes the
+    routing record itself (one kernel with the epilogue on CUDA)."""
+
+    writes_routing = True
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.softmax_topk(F.linear(x, self.weight), self.top_k, self.norm_topk_prob)
+    def forward(self, x: torch.Tensor, record: kernels.RoutingRecord | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.softmax_topk(F.linear(x, self.weight), self.top_k, self.norm_topk_prob, record)
 
 
 class ErnieRouter(nn.Module):
@@ -120,18 +124,17 @@ class Experts(nn.Module):
         return out if TP.size == 1 else all_reduce(out).to(x.dtype)
 
 
-def record_routing(moe_index: int, ids: torch.Tensor) -> None:
-    """Write this step's selection into the routing cache at the step's KV slots (no host sync).
+def routing_record(moe_index: int) -> kernels.RoutingRecord | None:
+    """Where this step's selection of MoE layer ``moe_index`` goes: the routing cache at the step's KV slots
+    (written on the device, no host sync); None when capture is off.
 
     Padding rows carry slot -1, which indexes the cache's extra last row: a scratch row nobody reads.
     """
     ctx = get_context()
-    cache = ctx.routing_cache
-    if cache is None:
-        return
-    if ctx.routing_debug:
-        ids = ctx.positions[:, None].expand_as(ids)
-    kernels.record_routing(cache, ctx.slot_mapping, moe_index, ids)
+    if ctx.routing_cache is None:
+        return None
+    return kernels.RoutingRecord(ctx.routing_cache, ctx.slot_mapping, moe_index,
+                                 ctx.positions if ctx.routing_debug else None)
 
 
 class SparseMoE(nn.Module):
@@ -147,8 +150,13 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = shared_expert_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.gate(x)
-        record_routing(self.moe_index, ids)
+        record = routing_record(self.moe_index)
+        if getattr(self.gate, "writes_routing", False):
+            ids, weights = self.gate(x, record)
+        else:
+            ids, weights = self.gate(x)
+            if record is not None:
+                record.write(ids)
         out = self.experts(x, ids, weights)
         shared = getattr(self, self.shared_name, None)
         if shared is not None:
