@@ -145,6 +145,25 @@ def bench_store_kv(n: int) -> None:
     report(f"store_kv N={n} eager", t, 4 * k.numel() * 2)
 
 
+def bench_router(n: int, reps: int = 16) -> None:
+    """The softmax top-k epilogue alone, with its routing write fused in, and followed by the separate write
+    kernel (the other routers' path): what routing capture costs one MoE layer per decode step."""
+    from routereplay.kernels import router as R
+
+    logits = torch.randn(reps, n, E, device="cuda", dtype=DT)
+    cache = torch.zeros(1 << 20, 8, K, dtype=torch.uint8, device="cuda")  # one row per KV slot, 8 MoE layers
+    slots = torch.stack([torch.randperm(cache.shape[0] - 1, device="cuda")[:n] for _ in range(reps)])
+    variants = {
+        "epilogue": lambda i: R.softmax_topk(logits[i], K, True),
+        "epilogue + fused write": lambda i: R.softmax_topk(logits[i], K, True, R.RoutingRecord(cache, slots[i], 3)),
+        "epilogue, then write kernel": lambda i: R.RoutingRecord(cache, slots[i], 3).write(
+            R.softmax_topk(logits[i], K, True)[0]),
+    }
+    for name, f in variants.items():
+        g = graph_of([lambda i=i, f=f: f(i) for i in range(reps)])
+        report(f"router N={n} {name} graph", do_bench(g.replay, reps))
+
+
 # ---------------------------------------------------------------------------------------------- MoE
 
 
@@ -236,6 +255,8 @@ def main() -> None:
     for n in (1, 2, 8, 128):
         bench_moe(n, eager=n in (1, 128))
     bench_moe(4096, eager=False)
+    for n in (1, 128, 1024):
+        bench_router(n)
     bench_prefill()
     bench_prefill(seqs=4, q_len=512, prefix=3584, compare_sdpa=False)
     for n in (128, 16384):

@@ -81,7 +81,7 @@ class Ours:
         self.llm = LLM(model_dir, dtype="bfloat16", routing_replay={"enable": routing},
                        max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
                        max_num_batched_tokens=MAX_BATCHED_TOKENS, gpu_memory_utilization=util)
-        self.routing = routing
+        self.routing = self.returning = routing  # returning: this call's requests ask for their routing
         # the profile of a row (instance attributes shadow the engine's methods): engine steps; forward time of
         # pure decode steps and of steps that carry prompt tokens (runner.run returns sampled tokens to the host,
         # so it ends with the GPU work); tokens forwarded (prefix-cache hits are not); host time in the routing
@@ -136,7 +136,7 @@ class Ours:
         from routereplay import SamplingParams
 
         sp = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
-                            return_routed_experts=self.routing)
+                            return_routed_experts=self.returning)
         outs = self.llm.generate(prompt_token_ids=prompts, sampling_params=sp, use_tqdm=False)
         return [[(c.token_ids, c.routed_experts) for c in o.outputs] for o in outs]
 
@@ -195,7 +195,7 @@ def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list,
     expected = len(prompts) * n * max_tokens
     if tokens != expected:
         raise RuntimeError(f"{engine.name} generated {tokens} tokens, expected {expected}")
-    if engine.routing:
+    if getattr(engine, "returning", engine.routing):
         missing = sum(r is None for o in outs for _, r in o)
         if missing:
             raise RuntimeError(f"{engine.name}: {missing} outputs without routed_experts")
@@ -237,6 +237,13 @@ def run(args) -> None:
                 prof = engine.profile(s)
                 record(f"{row}{'' if passes == 1 else f'_pass{i + 1}'}", s, num * n * out, compiled,
                        shape=f"{num}x{n} {inp}/{out}", **({"profile": prof} if prof else {}))
+            # the return path alone, in one engine (no process-to-process spread): capture stays on, the
+            # requests ask for their routing or not, alternately
+            for i in range(args.return_pairs if routing and engine.name == "routereplay" else 0):
+                for engine.returning in (False, True):
+                    s, _, compiled = timed(engine, prompts, n, out)
+                    record(f"{row}_return_{'on' if engine.returning else 'off'}{i + 1}", s, num * n * out, compiled,
+                           shape=f"{num}x{n} {inp}/{out}", profile=engine.profile(s))
         elif row == "d":
             inp, out = BS1
             p = prompts_for(1, inp, seed=4)
@@ -301,7 +308,7 @@ def table(args) -> None:
     def ratio(x: float | None, y: float | None) -> str:
         return "-" if x is None or y is None else f"{x / y:.3f}"
 
-    for k in sorted({k for r in runs for k in r["rows"] if k != "d"}):
+    for k in sorted({k for r in runs for k in r["rows"] if k != "d" and "_return_" not in k}):
         o, v, oo, vo = (tok(k, e, rt) for e, rt in (("routereplay", "on"), ("vllm", "on"), ("routereplay", "off"),
                                                      ("vllm", "off")))
         shape = next(r["rows"][k].get("shape", "") for r in runs if k in r["rows"])
@@ -315,6 +322,14 @@ def table(args) -> None:
     def mean(engine: str, routing: str, row: str) -> float | None:
         got = [r["rows"][row]["out_tok_s"] for r in every.get((engine, routing), []) if row in r["rows"]]
         return sum(got) / len(got) if got else None
+    for r in every.get(("routereplay", "on"), []):
+        for row in sorted({k.split("_return_")[0] for k in r["rows"] if "_return_" in k}):
+            got = {w: [v["out_tok_s"] for k, v in r["rows"].items() if k.startswith(f"{row}_return_{w}")]
+                   for w in ("on", "off")}
+            print(f"\nroutereplay, one engine, row {row} with routing returned / not returned: "
+                  f"{ratio(sum(got['on']) / len(got['on']), sum(got['off']) / len(got['off']))} (means of "
+                  f"{len(got['on'])} alternating passes each; on {[round(x) for x in got['on']]}, "
+                  f"off {[round(x) for x in got['off']]})", end="")
     for e in ("routereplay", "vllm"):
         pairs = {k: ratio(mean(e, "on", k), mean(e, "off", k)) for k in ("a_pass1", "a_pass2", "b")}
         if any(v != "-" for v in pairs.values()):
@@ -348,6 +363,8 @@ def main() -> None:
     r.add_argument("--routing", choices=("on", "off"), default="on")
     r.add_argument("--rows", default="a,d,agree,c,b")
     r.add_argument("--output-scale", type=float, default=1.0, help="row b's output length times this")
+    r.add_argument("--return-pairs", type=int, default=0,
+                   help="this engine, routing on: N more passes of each row without and with routing returned")
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--json", required=True)
     r.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on CPU")
