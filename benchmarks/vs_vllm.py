@@ -239,7 +239,8 @@ def run(args) -> None:
                        shape=f"{num}x{n} {inp}/{out}", **({"profile": prof} if prof else {}))
             # the return path alone, in one engine (no process-to-process spread): capture stays on, the
             # requests ask for their routing or not, alternately
-            for i in range(args.return_pairs if routing and engine.name == "routereplay" else 0):
+            pairs = args.return_pairs if routing and engine.name == "routereplay" and row in args.return_rows else 0
+            for i in range(pairs):
                 for engine.returning in (False, True):
                     s, _, compiled = timed(engine, prompts, n, out)
                     record(f"{row}_return_{'on' if engine.returning else 'off'}{i + 1}", s, num * n * out, compiled,
@@ -364,7 +365,9 @@ def main() -> None:
     r.add_argument("--rows", default="a,d,agree,c,b")
     r.add_argument("--output-scale", type=float, default=1.0, help="row b's output length times this")
     r.add_argument("--return-pairs", type=int, default=0,
-                   help="this engine, routing on: N more passes of each row without and with routing returned")
+                   help="this engine, routing on: N more passes of each --return-rows row without, then with "
+                        "routing returned")
+    r.add_argument("--return-rows", default="a", help="rows that get --return-pairs (comma-separated)")
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--json", required=True)
     r.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on CPU")

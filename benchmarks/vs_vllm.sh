@@ -8,7 +8,8 @@
 #                                            then run it: $OUT/NAME.json (e.g. `vllm vllm`, then
 #                                            `vllm vllm_off --routing off --rows a,b`)
 #   bash benchmarks/vs_vllm.sh ours [ARGS]   this engine in alternating processes: routing on (every row), off,
-#                                            on, off (rows a, b): on / off from the best of two runs each
+#                                            on, off (rows a, b): on / off from the best of two runs each; the
+#                                            first also alternates 3 passes of row a without / with routing returned
 #   bash benchmarks/vs_vllm.sh onoff ROWS N  N more off / on process pairs on ROWS (a process's decode step
 #                                            varies by ~5% at row a: 2026-12-02 in docs/PERFORMANCE.md)
 # ARGS go to `vs_vllm.py run` (e.g. --output-scale 0.25). Each process stops at 580 s (its JSON keeps the rows
@@ -38,7 +39,7 @@ case "$1" in
     PYTHONPATH=/tmp/site:src:. run "$2" --engine vllm "${@:3}" ;;
   ours)
     t0=$SECONDS
-    run ours --engine routereplay "${@:2}"
+    run ours --engine routereplay --return-pairs 3 "${@:2}"
     for name in ours_off ours_on2 ours_off2; do
       [ $((SECONDS - t0)) -lt 380 ] || { echo "skipped $name (time)"; continue; }
       routing=on; [[ $name == *off* ]] && routing=off
