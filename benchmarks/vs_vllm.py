@@ -239,7 +239,8 @@ def run(args) -> None:
                        shape=f"{num}x{n} {inp}/{out}", **({"profile": prof} if prof else {}))
             # the return path alone, in one engine (no process-to-process spread): capture stays on, the
             # requests ask for their routing or not, alternately
-            pairs = args.return_pairs if routing and engine.name == "routereplay" and row in args.return_rows else 0
+            paired = routing and engine.name == "routereplay" and row in args.return_rows.split(",")
+            pairs = args.return_pairs if paired else 0
             for i in range(pairs):
                 for engine.returning in (False, True):
                     s, _, compiled = timed(engine, prompts, n, out)
