@@ -466,8 +466,9 @@ class ModelRunner:
                 j += 1
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
-        """One int64 host-to-device copy (from pinned memory on CUDA, so it does not wait for the device)."""
-        t = torch.tensor(values, dtype=torch.long)
+        """One int64 host-to-device copy (from pinned memory on CUDA, so it does not wait for the device).
+        Through numpy: torch.tensor of a Python list costs ~6x more per element (1,024 sequences x 5 values)."""
+        t = torch.from_numpy(np.array(values, dtype=np.int64))
         if self.device.type != "cuda":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
@@ -496,11 +497,12 @@ class ModelRunner:
             if x.min_tokens and s.num_generated < x.min_tokens:  # what would end the completion cannot be sampled yet
                 logits[i, x.stop_token_ids + ([] if x.ignore_eos else eos)] = float("-inf")
         # Below SAMPLING_EPS greedy: logits / T would overflow (1e-45 is a float32 denormal, not 0)
-        floats = torch.tensor([[0.0 if x.temperature < SAMPLING_EPS else x.temperature for x in p],
-                               [x.top_p for x in p]], dtype=torch.float32)
+        floats = torch.from_numpy(np.array([[0.0 if x.temperature < SAMPLING_EPS else x.temperature for x in p],
+                                            [x.top_p for x in p]], dtype=np.float32))
         floats = (floats.pin_memory() if dev.type == "cuda" else floats).to(dev, non_blocking=True)
         temperature, top_p = floats[0], floats[1]
-        ints = self._to_device([x.top_k for x in p] + [s.seed for s in to_sample] + [len(s) for s in to_sample])
+        ints = self._to_device([x.top_k for x in p] + [s.seed for s in to_sample]
+                               + [len(s.token_ids) for s in to_sample])
         top_k, seeds, positions = ints.view(3, -1)
         tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, positions,
                                   truncate=any(x.top_k > 0 or x.top_p < 1 for x in p))
