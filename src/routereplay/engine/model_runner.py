@@ -420,7 +420,11 @@ class ModelRunner:
         prompt = self._prompt_logprobs(hidden, inp) if inp.prompt_rows else None
         if not inp.sample_rows:
             return None, prompt
-        return self.model.compute_logits(hidden[torch.tensor(inp.sample_rows, device=dev)]), prompt
+        sampled = inp.sample_rows
+        # a decode step samples every row: a slice. Else the indices go up from pinned memory: a pageable
+        # copy (torch.tensor(..., device=)) would make the host wait here for the whole forward.
+        picked = hidden[: len(sampled)] if sampled[-1] == len(sampled) - 1 else hidden[self._to_device(sampled)]
+        return self.model.compute_logits(picked), prompt
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs
                          ) -> tuple[list[float], list[list[float]], list[list[int]]] | None:
@@ -429,15 +433,15 @@ class ModelRunner:
         inp.prompt_top most likely (log-probs, token ids), most likely first. The token's own log-prob and the
         top entries are read from one tensor: equal tokens get bit-identical values. inp.prompt_piece rows at a
         time (PROMPT_LOGITS_ELEMENTS); every rank computes the logits (a collective under TP), rank 0 reduces."""
-        dev, step = self.device, inp.prompt_piece
+        step = inp.prompt_piece
         own, top_lp, top_id = [], [], []
         for a in range(0, len(inp.prompt_rows), step):
-            logits = self.model.compute_logits(hidden[torch.tensor(inp.prompt_rows[a : a + step], device=dev)])
+            logits = self.model.compute_logits(hidden[self._to_device(inp.prompt_rows[a : a + step])])
             if self.rank != 0:
                 continue
             logp = torch.log_softmax(logits, dim=-1)
             del logits
-            targets = torch.tensor(inp.prompt_targets[a : a + step], dtype=torch.long, device=dev)
+            targets = self._to_device(inp.prompt_targets[a : a + step])
             own.append(logp.gather(1, targets[:, None]).squeeze(1))
             if inp.prompt_top:
                 v, i = logp.topk(min(inp.prompt_top, logp.shape[-1]), dim=-1)
@@ -509,7 +513,7 @@ class ModelRunner:
         tops: list[dict[int, float] | None] = [None] * len(to_sample)
         rows = [i for i, x in enumerate(p) if x.top_logprobs > 0]
         if rows:  # only the rows that ask: the distribution is rebuilt over the whole vocabulary
-            r = torch.tensor(rows, device=dev)
+            r = self._to_device(rows)
             lps, ids = top_logprobs(logits[r], temperature[r], top_k[r], top_p[r], max(p[i].top_logprobs for i in rows))
             for i, lp_row, id_row in zip(rows, lps.tolist(), ids.tolist(), strict=True):
                 n = p[i].top_logprobs
