@@ -34,6 +34,11 @@ PROMPT_LOGITS_ELEMENTS = 1 << 26
 MAX_GRAPH_BATCH = 1024  # decode batches up to this many sequences replay a captured CUDA graph
 
 
+def _split(rows: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+    """Consecutive views of ``rows``, one per length."""
+    return list(np.split(rows, np.cumsum(lengths)[:-1]))
+
+
 @dataclass(slots=True)
 class StepInputs:
     """Host-side description of one step: what rank 0 sends to the other tensor-parallel ranks.
@@ -592,15 +597,14 @@ class ModelRunner:
         sequences' table rows or blocks are reused: later steps are ordered after the gather on the stream.
         """
         lengths = [n for _, n in spans]
-        meta = torch.tensor([[r for r, _ in spans], lengths], dtype=torch.int64).to(self.device, non_blocking=True)
-        total, bs = sum(lengths), self.block_size
-        seg = torch.repeat_interleave(torch.arange(len(spans), device=self.device), meta[1], output_size=total)
-        pos = torch.arange(total, device=self.device) - (torch.cumsum(meta[1], 0) - meta[1])[seg]
-        slots = self.block_tables[meta[0][seg], torch.div(pos, bs, rounding_mode="floor")].long() * bs + pos % bs
-        rows = self.routing_cache[slots]
+        table_rows, lens = self._to_device([r for r, _ in spans] + lengths).view(2, -1)
+        total = sum(lengths)
+        seg = torch.repeat_interleave(torch.arange(len(spans), device=self.device), lens, output_size=total)
+        pos = torch.arange(total, device=self.device) - (torch.cumsum(lens, 0) - lens)[seg]
+        rows = self.routing_cache[self._slot_mapping(self.block_tables, table_rows[seg], pos)]
         if self.device.type != "cuda":
             done: Future = Future()
-            done.set_result(list(np.split(rows.numpy(), np.cumsum(lengths)[:-1])))
+            done.set_result(_split(rows.numpy(), lengths))
             return done
         gathered = torch.cuda.Event()
         gathered.record()
@@ -618,7 +622,7 @@ class ModelRunner:
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(gathered)
             host.copy_(rows)
-        return list(np.split(host.numpy(), np.cumsum(lengths)[:-1]))
+        return _split(host.numpy(), lengths)
 
     def update_weights(self, named_tensors) -> int:
         if "weights" in self.released:  # their storages hold no memory: nothing may be written to them

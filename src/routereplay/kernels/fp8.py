@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from routereplay.kernels import moe as _moe
-from routereplay.kernels.attention import HAS_TRITON, _next_pow2
+from routereplay.kernels.attention import HAS_TRITON, _next_pow2, _use_triton
 
 if HAS_TRITON:
     import triton
@@ -52,11 +52,6 @@ FP8_MOE_CONFIG_SMALL = dict(block_m=16, gu_block_k=128, down_block_n=64, down_bl
 FP8_MOE_CONFIG_LARGE = dict(block_m=64, gu_block_k=128, down_block_n=128, down_block_k=128,
                             num_warps=8, num_stages=3)
 QUANT_BLOCK = 2048  # elements of one row a quantization program handles (whole groups)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    """The Triton path: CUDA tensors (the tests point it at CPU tensors to run the kernels under the interpreter)."""
-    return HAS_TRITON and t.is_cuda
 
 
 def _check_block(block: tuple[int, int]) -> tuple[int, int]:

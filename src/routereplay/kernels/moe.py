@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from routereplay.kernels.attention import HAS_TRITON, _next_pow2
+from routereplay.kernels.attention import HAS_TRITON, _next_pow2, _use_triton
 
 if HAS_TRITON:
     import triton
@@ -301,7 +301,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
 
     The top-k sum is accumulated in fp32 and rounded to ``out_dtype`` (default: ``x``'s dtype).
     """
-    if HAS_TRITON and x.is_cuda:
+    if _use_triton(x):
         out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
         return _fused_moe_triton(x, w13, w2, topk_ids, topk_weights, out=out)
     return fused_moe_ref(x, w13, w2, topk_ids, topk_weights, out_dtype)
