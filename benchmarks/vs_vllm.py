@@ -153,7 +153,7 @@ class VLLM:
                        enable_return_routed_experts=routing, max_num_seqs=MAX_NUM_SEQS,
                        max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=MAX_BATCHED_TOKENS,
                        gpu_memory_utilization=util, enable_prefix_caching=True)
-        self.routing = routing
+        self.routing = self.returning = routing  # per engine in vLLM: every request or none
 
     def version(self) -> str:
         import vllm
@@ -195,7 +195,7 @@ def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list,
     expected = len(prompts) * n * max_tokens
     if tokens != expected:
         raise RuntimeError(f"{engine.name} generated {tokens} tokens, expected {expected}")
-    if getattr(engine, "returning", engine.routing):
+    if engine.returning:
         missing = sum(r is None for o in outs for _, r in o)
         if missing:
             raise RuntimeError(f"{engine.name}: {missing} outputs without routed_experts")
@@ -232,7 +232,7 @@ def run(args) -> None:
             prompts = prompts_for(num, inp, seed=ord(row))
             passes = 2 if row == "a" else 1
             for i in range(passes):
-                engine.profile(0.0)
+                engine.profile(0.0)  # drops what the rows before left
                 s, _, compiled = timed(engine, prompts, n, out)
                 prof = engine.profile(s)
                 record(f"{row}{'' if passes == 1 else f'_pass{i + 1}'}", s, num * n * out, compiled,
@@ -287,22 +287,23 @@ def agreement(a_npz: str, b_npz: str) -> tuple[float, int]:
 
 def table(args) -> None:
     runs = [json.load(open(p)) for p in args.files]
-    by = {(r["engine"], r["routing"]): r for r in runs}  # the first run of each: start-up, batch 1, compiles
     every: dict[tuple[str, str], list[dict]] = {}  # on / off runs may be repeated (alternating processes)
     for r in runs:
         every.setdefault((r["engine"], r["routing"]), []).append(r)
-    for r in reversed(runs):
-        by[(r["engine"], r["routing"])] = r
+    by = {k: rs[0] for k, rs in every.items()}  # the first run of each: start-up, batch 1, compiles
     ours, theirs = by.get(("routereplay", "on")), by.get(("vllm", "on"))
     first = next(iter(runs))
     print(f"## {first['gpu']}, torch {first['torch']}, {first['date']}: Qwen3-30B-A3B width, {first['layers']} layers,"
           f" bf16, saved weights; routereplay {ours and ours['version']} vs vLLM {theirs and theirs['version']}\n")
     print("| row | routereplay tok/s | vLLM tok/s | ratio | routereplay on/off | vLLM on/off |")
     print("| --- | --- | --- | --- | --- | --- |")
+    def measured(engine: str, routing: str, row: str) -> list[float]:
+        """tok/s of the row in each run of (engine, routing) that has it."""
+        return [r["rows"][row]["out_tok_s"] for r in every.get((engine, routing), []) if row in r["rows"]]
+
     def tok(row: str, engine: str, routing: str) -> float | None:
-        """The best of the runs of (engine, routing) that have the row."""
-        got = [r["rows"][row]["out_tok_s"] for r in every.get((engine, routing), []) if row in r["rows"]]
-        return max(got) if got else None
+        got = measured(engine, routing, row)
+        return max(got) if got else None  # the best run
 
     def num(x: float | None) -> str:
         return "-" if x is None else f"{x:,.0f}"
@@ -319,10 +320,10 @@ def table(args) -> None:
         if len(rs) > 1:
             print(f"\n{e} routing {rt}, each run (tok/s): " + "; ".join(
                 f"{k} " + " / ".join(f"{r['rows'][k]['out_tok_s']:,.0f}" for r in rs if k in r["rows"])
-                for k in sorted({k for r in rs for k in r["rows"] if k != "d"})), end="")
+                for k in sorted({k for r in rs for k in r["rows"] if k != "d" and "_return_" not in k})), end="")
 
     def mean(engine: str, routing: str, row: str) -> float | None:
-        got = [r["rows"][row]["out_tok_s"] for r in every.get((engine, routing), []) if row in r["rows"]]
+        got = measured(engine, routing, row)
         return sum(got) / len(got) if got else None
     for r in every.get(("routereplay", "on"), []):
         for row in sorted({k.split("_return_")[0] for k in r["rows"] if "_return_" in k}):
