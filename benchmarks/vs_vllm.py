@@ -4,6 +4,7 @@
   python benchmarks/vs_vllm.py run --engine routereplay --dir /tmp/ckpt --json ours.json
   PYTHONPATH=/tmp/site python benchmarks/vs_vllm.py run --engine vllm --dir /tmp/ckpt --json vllm.json
   python benchmarks/vs_vllm.py table ours.json vllm.json [ours_off.json vllm_off.json]
+  python benchmarks/vs_vllm.py onoff --dir /tmp/ckpt --json onoff.json  # this engine's routing on / off, one process
 
 The checkpoint is Qwen3-30B-A3B's width (128 experts, top-8) with fewer layers, random weights from
 transformers' own initialisation, saved by ``save_pretrained``: both engines read the same safetensors files
@@ -75,12 +76,12 @@ def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
 class Ours:
     name = "routereplay"
 
-    def __init__(self, model_dir: str, routing: bool, util: float) -> None:
+    def __init__(self, model_dir: str, routing: bool, util: float, **engine_args) -> None:
         from routereplay import LLM
 
         self.llm = LLM(model_dir, dtype="bfloat16", routing_replay={"enable": routing},
                        max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
-                       max_num_batched_tokens=MAX_BATCHED_TOKENS, gpu_memory_utilization=util)
+                       max_num_batched_tokens=MAX_BATCHED_TOKENS, gpu_memory_utilization=util, **engine_args)
         self.routing = self.returning = routing  # returning: this call's requests ask for their routing
         # the profile of a row (instance attributes shadow the engine's methods): engine steps; forward time of
         # pure decode steps and of steps that carry prompt tokens (runner.run returns sampled tokens to the host,
@@ -202,14 +203,19 @@ def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list,
     return seconds, outs, triton_cache_entries() - compiled
 
 
+def smoke() -> None:
+    """A CPU check of the script itself: every row, tiny shapes."""
+    global MAX_MODEL_LEN, MAX_NUM_SEQS, AGREE, BS1, VOCAB
+    VOCAB = (3, 100)
+    ROWS.update(a=(4, 1, 8, 8), b=(2, 4, 16, 16), c=(8, 1, 8, 12))
+    AGREE, BS1, MAX_MODEL_LEN, MAX_NUM_SEQS = (3, 8, 8), (8, 8), 64, 16
+
+
 def run(args) -> None:
     import torch
 
-    if args.smoke:  # a CPU check of the script itself: every row, tiny shapes
-        global MAX_MODEL_LEN, MAX_NUM_SEQS, AGREE, BS1, VOCAB
-        VOCAB = (3, 100)
-        ROWS.update(a=(4, 1, 8, 8), b=(2, 4, 16, 16), c=(8, 1, 8, 12))
-        AGREE, BS1, MAX_MODEL_LEN, MAX_NUM_SEQS = (3, 8, 8), (8, 8), 64, 16
+    if args.smoke:
+        smoke()
     t0 = time.perf_counter()
     routing = args.routing == "on"
     engine = (Ours if args.engine == "routereplay" else VLLM)(args.dir, routing, args.gpu_memory_utilization)
@@ -265,6 +271,49 @@ def run(args) -> None:
         else:
             raise SystemExit(f"unknown row {row!r}")
     json.dump(res, open(args.json, "w"), indent=1)
+
+
+def onoff(args) -> None:
+    """Routing on / off in ONE process: two engines of this one, capture on (every request's routing returned)
+    and capture off, both resident with the same KV pool, take turns on each row (off, on, on, off, ...; the
+    ABBA order cancels a drift). No process-to-process spread (up to 9% at row a: docs/PERFORMANCE.md)."""
+    import torch
+
+    if args.smoke:
+        smoke()
+    shapes = {row: ROWS[row][:3] + (int(ROWS[row][3] * args.output_scale) if row == "b" else ROWS[row][3],)
+              for row in args.rows.split(",")}
+    # every sample's tokens at once (the n samples of a prompt share its prompt blocks), 5% spare
+    tokens = max(num * (inp + n * out) for num, n, inp, out in shapes.values())
+    blocks = int(tokens * 1.05) // 16 + MAX_NUM_SEQS
+    t0 = time.perf_counter()
+    engines = {False: Ours(args.dir, False, 0.9, num_kv_blocks=blocks),
+               True: Ours(args.dir, True, 0.9, num_kv_blocks=blocks)}
+    res = dict(engine="routereplay", gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               torch=torch.__version__, date=time.strftime("%Y-%m-%d"), kv_blocks=blocks,
+               start_s=time.perf_counter() - t0, rows={})
+    print(f"two engines ({blocks} KV blocks each) started in {res['start_s']:.1f} s", flush=True)
+    for row, (num, n, inp, out) in shapes.items():
+        prompts = prompts_for(num, inp, seed=ord(row))
+        for engine in engines.values():  # warm: every prompt and batch shape once, outside the timing
+            timed(engine, prompts, n, min(out, 64))
+        passes = {"on": [], "off": []}
+        order = [r for i in range(args.pairs) for r in ((False, True) if i % 2 == 0 else (True, False))]
+        for routing in order:
+            engine = engines[routing]
+            engine.profile(0.0)
+            s, _, _ = timed(engine, prompts, n, out)
+            prof = engine.profile(s)
+            passes["on" if routing else "off"].append(dict(out_tok_s=num * n * out / s, seconds=s, profile=prof))
+            print(f"  {row} routing {'on' if routing else 'off'}: {num * n * out / s:,.0f} tok/s "
+                  f"(decode {prof['decode_ms_per_step']} ms/step)", flush=True)
+        mean = {k: sum(p["out_tok_s"] for p in v) / len(v) for k, v in passes.items()}
+        decode = {k: sum(p["profile"]["decode_ms_per_step"] for p in v) / len(v) for k, v in passes.items()}
+        res["rows"][row] = dict(shape=f"{num}x{n} {inp}/{out}", passes=passes, on_off=mean["on"] / mean["off"],
+                                decode_ms_on_off=decode["on"] / decode["off"])
+        print(f"{row}: on / off {mean['on'] / mean['off']:.4f} (mean tok/s of {args.pairs} passes each); decode "
+              f"ms per step on / off {decode['on'] / decode['off']:.4f}", flush=True)
+        json.dump(res, open(args.json, "w"), indent=1)
 
 
 def agreement(a_npz: str, b_npz: str) -> tuple[float, int]:
@@ -373,10 +422,18 @@ def main() -> None:
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--json", required=True)
     r.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on CPU")
+    o = sub.add_parser("onoff", help="routing on / off in one process (two engines taking turns)")
+    o.add_argument("--dir", required=True)
+    o.add_argument("--rows", default="a,b")
+    o.add_argument("--pairs", type=int, default=4, help="passes of each row per engine (order off, on, on, off, ...)")
+    o.add_argument("--output-scale", type=float, default=0.5, help="row b's output length times this (both "
+                   "engines' KV pools are resident at once)")
+    o.add_argument("--json", required=True)
+    o.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on CPU")
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
     args = ap.parse_args()
-    {"write": write, "run": run, "table": table}[args.cmd](args)
+    {"write": write, "run": run, "onoff": onoff, "table": table}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@
 #                                            first also alternates 3 passes of row a without / with routing returned
 #   bash benchmarks/vs_vllm.sh onoff ROWS N  N more off / on process pairs on ROWS (a process's decode step
 #                                            varies by ~5% at row a: 2026-12-02 in docs/PERFORMANCE.md)
+#   bash benchmarks/vs_vllm.sh pair [ARGS]   routing on / off in ONE process (two engines taking turns, no
+#                                            process spread): `vs_vllm.py onoff` ARGS, $OUT/pair.json
 # ARGS go to `vs_vllm.py run` (e.g. --output-scale 0.25). Each process stops at 580 s (its JSON keeps the rows
 # done). Do not wait for background steps with `pgrep -f` on their command line: it matches the waiting shell.
 # Results (JSON, routing .npz, logs) go to $OUT; `python benchmarks/vs_vllm.py table $OUT/*.json` prints the table.
@@ -49,5 +51,9 @@ case "$1" in
     for i in $(seq "$3"); do
       for routing in off on; do run "onoff_${routing}_$i" --engine routereplay --routing "$routing" --rows "$2"; done
     done ;;
+  pair)
+    timeout -s INT 580 python benchmarks/vs_vllm.py onoff --dir /tmp/ckpt --json "$out/pair.json" "${@:2}" \
+      > "$out/pair.log" 2>&1
+    echo "pair exit $?"; grep -v Warning "$out/pair.log" | tail -30 ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac
