@@ -275,8 +275,11 @@ def run(args) -> None:
 
 def onoff(args) -> None:
     """Routing on / off in ONE process: two engines of this one, capture on (every request's routing returned)
-    and capture off, both resident with the same KV pool, take turns on each row (off, on, on, off, ...; the
-    ABBA order cancels a drift). No process-to-process spread (up to 9% at row a: docs/PERFORMANCE.md)."""
+    and capture off, with the same KV pool size, take turns on each row (off, on, on, off, ...; the ABBA order
+    cancels a drift). No process-to-process spread (up to 9% at row a: docs/PERFORMANCE.md). Both pools stay
+    resident, or with ``--take-turns`` only the running engine's: before every pass both release their KV
+    cache (``release_memory``) and the next one resumes it (a fresh pool and prefix cache, graphs captured
+    again), so row b fits at full length."""
     import torch
 
     if args.smoke:
@@ -287,20 +290,32 @@ def onoff(args) -> None:
     tokens = max(num * (inp + n * out) for num, n, inp, out in shapes.values())
     blocks = int(tokens * 1.05) // 16 + MAX_NUM_SEQS
     t0 = time.perf_counter()
-    engines = {False: Ours(args.dir, False, 0.9, num_kv_blocks=blocks),
-               True: Ours(args.dir, True, 0.9, num_kv_blocks=blocks)}
+    engines = {}
+    for routing in (False, True):
+        engines[routing] = Ours(args.dir, routing, 0.9, num_kv_blocks=blocks)
+        if args.take_turns:
+            engines[routing].llm.engine.release_memory(["kv_cache"])
+
+    def take_turn(engine: Ours) -> None:
+        if args.take_turns:
+            for e in engines.values():
+                e.llm.engine.release_memory(["kv_cache"])
+            engine.llm.engine.resume_memory(["kv_cache"])
     res = dict(engine="routereplay", gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                torch=torch.__version__, date=time.strftime("%Y-%m-%d"), kv_blocks=blocks,
                start_s=time.perf_counter() - t0, rows={})
+    res["take_turns"] = args.take_turns
     print(f"two engines ({blocks} KV blocks each) started in {res['start_s']:.1f} s", flush=True)
     for row, (num, n, inp, out) in shapes.items():
         prompts = prompts_for(num, inp, seed=ord(row))
         for engine in engines.values():  # warm: every prompt and batch shape once, outside the timing
+            take_turn(engine)
             timed(engine, prompts, n, min(out, 64))
         passes = {"on": [], "off": []}
         order = [r for i in range(args.pairs) for r in ((False, True) if i % 2 == 0 else (True, False))]
         for routing in order:
             engine = engines[routing]
+            take_turn(engine)
             engine.profile(0.0)
             s, _, _ = timed(engine, prompts, n, out)
             prof = engine.profile(s)
@@ -426,8 +441,9 @@ def main() -> None:
     o.add_argument("--dir", required=True)
     o.add_argument("--rows", default="a,b")
     o.add_argument("--pairs", type=int, default=4, help="passes of each row per engine (order off, on, on, off, ...)")
-    o.add_argument("--output-scale", type=float, default=0.5, help="row b's output length times this (both "
-                   "engines' KV pools are resident at once)")
+    o.add_argument("--output-scale", type=float, default=0.5, help="row b's output length times this (1.0 needs "
+                   "--take-turns on one H200)")
+    o.add_argument("--take-turns", action="store_true", help="only the running engine's KV pool is resident")
     o.add_argument("--json", required=True)
     o.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on CPU")
     t = sub.add_parser("table")
