@@ -247,8 +247,8 @@ def run(args) -> None:
             # requests ask for their routing or not, alternately
             paired = routing and engine.name == "routereplay" and row in args.return_rows.split(",")
             pairs = args.return_pairs if paired else 0
-            for i in range(pairs):
-                for engine.returning in (False, True):
+            for i in range(pairs):  # off, on, on, off, ...: the order cancels a drift within the process
+                for engine.returning in ((False, True) if i % 2 == 0 else (True, False)):
                     s, _, compiled = timed(engine, prompts, n, out)
                     record(f"{row}_return_{'on' if engine.returning else 'off'}{i + 1}", s, num * n * out, compiled,
                            shape=f"{num}x{n} {inp}/{out}", profile=engine.profile(s))
@@ -310,12 +310,14 @@ def onoff(args) -> None:
         prompts = prompts_for(num, inp, seed=ord(row))
         for engine in engines.values():  # warm: every prompt and batch shape once, outside the timing
             take_turn(engine)
-            timed(engine, prompts, n, min(out, 64))
+            timed(engine, prompts, n, min(out, 512))
         passes = {"on": [], "off": []}
         order = [r for i in range(args.pairs) for r in ((False, True) if i % 2 == 0 else (True, False))]
         for routing in order:
             engine = engines[routing]
             take_turn(engine)
+            # the off engine really has no capture: no routing cache, so its graphs hold no routing write
+            assert (engine.llm.engine.runner.routing_cache is not None) == routing
             engine.profile(0.0)
             s, _, _ = timed(engine, prompts, n, out)
             prof = engine.profile(s)
@@ -431,8 +433,8 @@ def main() -> None:
     r.add_argument("--rows", default="a,d,agree,c,b")
     r.add_argument("--output-scale", type=float, default=1.0, help="row b's output length times this")
     r.add_argument("--return-pairs", type=int, default=0,
-                   help="this engine, routing on: N more passes of each --return-rows row without, then with "
-                        "routing returned")
+                   help="this engine, routing on: N more passes of each --return-rows row without and with "
+                        "routing returned (off, on, on, off, ...)")
     r.add_argument("--return-rows", default="a", help="rows that get --return-pairs (comma-separated)")
     r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     r.add_argument("--json", required=True)
