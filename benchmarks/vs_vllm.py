@@ -286,7 +286,8 @@ def onoff(args) -> None:
         smoke()
     shapes = {row: ROWS[row][:3] + (int(ROWS[row][3] * args.output_scale) if row == "b" else ROWS[row][3],)
               for row in args.rows.split(",")}
-    # every sample's tokens at once (the n samples of a prompt share its prompt blocks), 5% spare
+    # every sample's tokens at once (the n samples of a prompt share its prompt blocks), 5% spare, and a
+    # partly filled last block per sequence (16 tokens a block: the engine's default block_size)
     tokens = max(num * (inp + n * out) for num, n, inp, out in shapes.values())
     blocks = int(tokens * 1.05) // 16 + MAX_NUM_SEQS
     t0 = time.perf_counter()
@@ -301,10 +302,10 @@ def onoff(args) -> None:
             for e in engines.values():
                 e.llm.engine.release_memory(["kv_cache"])
             engine.llm.engine.resume_memory(["kv_cache"])
+
     res = dict(engine="routereplay", gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                torch=torch.__version__, date=time.strftime("%Y-%m-%d"), kv_blocks=blocks,
-               start_s=time.perf_counter() - t0, rows={})
-    res["take_turns"] = args.take_turns
+               take_turns=args.take_turns, start_s=time.perf_counter() - t0, rows={})
     print(f"two engines ({blocks} KV blocks each) started in {res['start_s']:.1f} s", flush=True)
     for row, (num, n, inp, out) in shapes.items():
         prompts = prompts_for(num, inp, seed=ord(row))
