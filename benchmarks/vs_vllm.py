@@ -252,6 +252,7 @@ def run(args) -> None:
                     s, _, compiled = timed(engine, prompts, n, out)
                     record(f"{row}_return_{'on' if engine.returning else 'off'}{i + 1}", s, num * n * out, compiled,
                            shape=f"{num}x{n} {inp}/{out}", profile=engine.profile(s))
+            engine.returning = routing  # the later rows return routing again
         elif row == "d":
             inp, out = BS1
             p = prompts_for(1, inp, seed=4)
