@@ -203,6 +203,17 @@ def timed(engine, prompts, n, max_tokens, temperature=1.0) -> tuple[float, list,
     return seconds, outs, triton_cache_entries() - compiled
 
 
+def row_shape(row: str, output_scale: float) -> tuple[int, int, int, int]:
+    """ROWS[row], row b's output length times ``output_scale``."""
+    num, n, inp, out = ROWS[row]
+    return num, n, inp, int(out * output_scale) if row == "b" else out
+
+
+def abba(pairs: int) -> list[bool]:
+    """False, True, True, False, ... (``pairs`` of each): a linear drift within the process cancels."""
+    return [x for i in range(pairs) for x in ((False, True) if i % 2 == 0 else (True, False))]
+
+
 def smoke() -> None:
     """A CPU check of the script itself: every row, tiny shapes."""
     global MAX_MODEL_LEN, MAX_NUM_SEQS, AGREE, BS1, VOCAB
@@ -233,8 +244,7 @@ def run(args) -> None:
 
     for row in args.rows.split(","):
         if row in ROWS:
-            num, n, inp, out = ROWS[row]
-            out = int(out * args.output_scale) if row == "b" else out
+            num, n, inp, out = row_shape(row, args.output_scale)
             prompts = prompts_for(num, inp, seed=ord(row))
             passes = 2 if row == "a" else 1
             for i in range(passes):
@@ -247,11 +257,10 @@ def run(args) -> None:
             # requests ask for their routing or not, alternately
             paired = routing and engine.name == "routereplay" and row in args.return_rows.split(",")
             pairs = args.return_pairs if paired else 0
-            for i in range(pairs):  # off, on, on, off, ...: the order cancels a drift within the process
-                for engine.returning in ((False, True) if i % 2 == 0 else (True, False)):
-                    s, _, compiled = timed(engine, prompts, n, out)
-                    record(f"{row}_return_{'on' if engine.returning else 'off'}{i + 1}", s, num * n * out, compiled,
-                           shape=f"{num}x{n} {inp}/{out}", profile=engine.profile(s))
+            for i, engine.returning in enumerate(abba(pairs)):
+                s, _, compiled = timed(engine, prompts, n, out)
+                record(f"{row}_return_{'on' if engine.returning else 'off'}{i // 2 + 1}", s, num * n * out, compiled,
+                       shape=f"{num}x{n} {inp}/{out}", profile=engine.profile(s))
             engine.returning = routing  # the later rows return routing again
         elif row == "d":
             inp, out = BS1
@@ -285,8 +294,7 @@ def onoff(args) -> None:
 
     if args.smoke:
         smoke()
-    shapes = {row: ROWS[row][:3] + (int(ROWS[row][3] * args.output_scale) if row == "b" else ROWS[row][3],)
-              for row in args.rows.split(",")}
+    shapes = {row: row_shape(row, args.output_scale) for row in args.rows.split(",")}
     # every sample's tokens at once (the n samples of a prompt share its prompt blocks), 5% spare, and a
     # partly filled last block per sequence (16 tokens a block: the engine's default block_size)
     tokens = max(num * (inp + n * out) for num, n, inp, out in shapes.values())
@@ -314,8 +322,7 @@ def onoff(args) -> None:
             take_turn(engine)
             timed(engine, prompts, n, min(out, 512))
         passes = {"on": [], "off": []}
-        order = [r for i in range(args.pairs) for r in ((False, True) if i % 2 == 0 else (True, False))]
-        for routing in order:
+        for routing in abba(args.pairs):
             engine = engines[routing]
             take_turn(engine)
             # the off engine really has no capture: no routing cache, so its graphs hold no routing write

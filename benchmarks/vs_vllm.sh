@@ -22,13 +22,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 out=${OUT:-./gpu_out}
 mkdir -p "$out" /tmp/st
-run() {  # json name, args...: one engine process
-  local name=$1
-  shift
-  timeout -s INT 580 python benchmarks/vs_vllm.py run --dir /tmp/ckpt --json "$out/$name.json" "$@" \
+proc() {  # json name, vs_vllm.py command, args...: one process, its JSON and log under $out
+  local name=$1 cmd=$2
+  shift 2
+  timeout -s INT 580 python benchmarks/vs_vllm.py "$cmd" --dir /tmp/ckpt --json "$out/$name.json" "$@" \
     > "$out/$name.log" 2>&1
-  echo "$name exit $?"; grep -v Warning "$out/$name.log" | tail -8
+  echo "$name exit $?"; grep -v Warning "$out/$name.log" | tail -30
 }
+run() { proc "$1" run "${@:2}"; }  # json name, args...: one engine process
 case "$1" in
   part) cp ".v$2"/* /tmp/st/ && ls -la /tmp/st | tail -n +2 | wc -l ;;
   write) python benchmarks/vs_vllm.py write --dir /tmp/ckpt --layers "${2:-8}" > "$out/write.log" 2>&1; tail -2 "$out/write.log" ;;
@@ -51,9 +52,6 @@ case "$1" in
     for i in $(seq "$3"); do
       for routing in off on; do run "onoff_${routing}_$i" --engine routereplay --routing "$routing" --rows "$2"; done
     done ;;
-  pair)
-    timeout -s INT 580 python benchmarks/vs_vllm.py onoff --dir /tmp/ckpt --json "$out/pair.json" "${@:2}" \
-      > "$out/pair.log" 2>&1
-    echo "pair exit $?"; grep -v Warning "$out/pair.log" | tail -30 ;;
+  pair) proc pair onoff "${@:2}" ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac
